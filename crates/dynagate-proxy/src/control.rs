@@ -87,7 +87,12 @@ impl Controller {
                 .config
                 .upstreams
                 .iter()
-                .map(|(name, spec)| (name.clone(), Arc::new(UpstreamRuntime::build(spec.clone(), None))))
+                .map(|(name, spec)| {
+                    (
+                        name.clone(),
+                        Arc::new(UpstreamRuntime::build(spec.clone(), None)),
+                    )
+                })
                 .collect(),
         };
         Ok(Controller {
@@ -188,8 +193,10 @@ impl Controller {
                 Change::Upstream { key, after, .. } => match after {
                     Some(spec) => {
                         let previous = old.upstreams.get(key).map(|u| &**u);
-                        next.upstreams
-                            .insert(key.clone(), Arc::new(UpstreamRuntime::build(spec.clone(), previous)));
+                        next.upstreams.insert(
+                            key.clone(),
+                            Arc::new(UpstreamRuntime::build(spec.clone(), previous)),
+                        );
                     }
                     None => {
                         next.upstreams.remove(key);

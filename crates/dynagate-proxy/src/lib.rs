@@ -1,7 +1,19 @@
 //! dynagate's data plane and the control plane that feeds it.
+//!
+//! - `control`: the one door for state changes (validate → store → publish)
+//! - `runtime`: the published snapshot and live per-server state
+//! - `routing`: the route table
+//! - `proxy`:   the request lifecycle, phase by phase
+//! - `pool`, `body`: upstream connections and streaming bodies
+//! - `server`:  listeners and worker threads
 
+pub mod body;
 pub mod control;
+pub mod pool;
+pub mod proxy;
 pub mod routing;
 pub mod runtime;
+pub mod server;
 
 pub use control::{ControlError, Controller, Outcome, ServerStatus, UpstreamStatus};
+pub use server::{start, ProxyHandle, ProxyOptions};

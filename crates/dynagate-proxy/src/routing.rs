@@ -22,8 +22,16 @@ impl RouteTable {
             }
             for host in &route.hosts {
                 match host.strip_prefix("*.") {
-                    Some(suffix) => table.wildcard.entry(suffix.to_string()).or_default().push(route.clone()),
-                    None => table.exact.entry(host.clone()).or_default().push(route.clone()),
+                    Some(suffix) => table
+                        .wildcard
+                        .entry(suffix.to_string())
+                        .or_default()
+                        .push(route.clone()),
+                    None => table
+                        .exact
+                        .entry(host.clone())
+                        .or_default()
+                        .push(route.clone()),
                 }
             }
         }
@@ -53,7 +61,11 @@ impl RouteTable {
             // Most specific wildcard first: a.b.example.com tries b.example.com, example.com, com.
             let mut rest = host;
             while let Some((_, suffix)) = rest.split_once('.') {
-                if let Some(r) = self.wildcard.get(suffix).and_then(|l| pick(l, path, method)) {
+                if let Some(r) = self
+                    .wildcard
+                    .get(suffix)
+                    .and_then(|l| pick(l, path, method))
+                {
                     return Some(r);
                 }
                 rest = suffix;
@@ -117,7 +129,8 @@ mod tests {
             r("exact-post", &["shop.example.com"], "/cart", &["POST"]),
         ];
         let t = RouteTable::build(routes.iter());
-        let id = |h: &str, p: &str, m: &str| t.find(h, p, m).map(|r| r.id.clone()).unwrap_or_default();
+        let id =
+            |h: &str, p: &str, m: &str| t.find(h, p, m).map(|r| r.id.clone()).unwrap_or_default();
         assert_eq!(id("shop.example.com", "/x", "GET"), "exact");
         assert_eq!(id("shop.example.com", "/cart", "POST"), "exact-post");
         assert_eq!(id("shop.example.com", "/cart", "GET"), "exact");

@@ -66,8 +66,10 @@ impl ServerStats {
         let fails = self.window_fails.fetch_add(1, Ordering::Relaxed) + 1;
         if fails >= max_fails {
             self.window_fails.store(0, Ordering::Relaxed);
-            self.skip_until_ms.store(now + fail_timeout_ms, Ordering::Relaxed);
-            self.last_state_change_ms.store(unix_ms(), Ordering::Relaxed);
+            self.skip_until_ms
+                .store(now + fail_timeout_ms, Ordering::Relaxed);
+            self.last_state_change_ms
+                .store(unix_ms(), Ordering::Relaxed);
         }
     }
 
@@ -131,24 +133,31 @@ pub struct UpstreamRuntime {
 impl UpstreamRuntime {
     /// Builds the runtime form of `spec`, reusing live stats and balancer positions of
     /// servers that `previous` already had.
-    pub fn build(
-        spec: Arc<Upstream>,
-        previous: Option<&UpstreamRuntime>,
-    ) -> UpstreamRuntime {
+    pub fn build(spec: Arc<Upstream>, previous: Option<&UpstreamRuntime>) -> UpstreamRuntime {
         let prev_rr = previous.map(|p| p.rr_current.lock().clone());
+        // Index of each previous server by address: large upstreams stay O(n).
+        let prev_index: std::collections::HashMap<&str, usize> = previous
+            .map(|p| {
+                p.servers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (s.spec.address.as_str(), i))
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut rr = Vec::with_capacity(spec.servers.len());
         let servers = spec
             .servers
             .iter()
             .map(|s| {
-                let old = previous.and_then(|p| {
-                    p.servers.iter().position(|o| o.spec.address == s.address)
-                });
+                let old = prev_index.get(s.address.as_str()).copied();
                 let stats = match old {
                     Some(i) => {
                         let prev = &previous.expect("index implies previous").servers[i];
                         if prev.spec.state != s.state {
-                            prev.stats.last_state_change_ms.store(unix_ms(), Ordering::Relaxed);
+                            prev.stats
+                                .last_state_change_ms
+                                .store(unix_ms(), Ordering::Relaxed);
                         }
                         prev.stats.clone()
                     }
@@ -186,7 +195,10 @@ impl UpstreamRuntime {
             let mut total: i64 = 0;
             let mut best: Option<usize> = None;
             for (i, server) in self.servers.iter().enumerate() {
-                if server.spec.backup != backup || tried.contains(&i) || !server.takes_new_requests(now) {
+                if server.spec.backup != backup
+                    || tried.contains(&i)
+                    || !server.takes_new_requests(now)
+                {
                     continue;
                 }
                 let weight = server.spec.weight as i64;
@@ -219,7 +231,11 @@ mod tests {
 
     #[test]
     fn smooth_weighted_round_robin_like_nginx() {
-        let mut servers = vec![Server::new("127.0.0.1:1"), Server::new("127.0.0.1:2"), Server::new("127.0.0.1:3")];
+        let mut servers = vec![
+            Server::new("127.0.0.1:1"),
+            Server::new("127.0.0.1:2"),
+            Server::new("127.0.0.1:3"),
+        ];
         servers[0].weight = 5;
         let up = UpstreamRuntime::build(Arc::new(Upstream::new("u", servers)), None);
         let picks: Vec<usize> = (0..7).map(|_| up.select(&[]).unwrap()).collect();
