@@ -1,16 +1,148 @@
-//! The admin API. (Being written.)
+//! The admin API: a JSON API under `/v1` and the ngx_http_dyups_module interface
+//! (`/detail`, `/list`, `/upstream/{name}`), both behind one bearer token, and the
+//! client `dynagate ctl` uses. See docs/admin-api.md.
+//!
+//! Every call is authenticated first (401 otherwise, whatever the path), then routed
+//! (404 unknown path, 405 with `Allow` for a wrong method), then handled. Writes go
+//! through `Controller::execute`: acknowledged only once durable.
 
+mod auth;
+pub mod client;
+mod dyups;
+mod errors;
+mod handlers;
+mod request;
+mod router;
+
+pub use request::MAX_BODY;
+
+use crate::auth::Token;
+use crate::errors::{ApiError, Body, Flavor};
+use crate::handlers::Call;
+use crate::router::Endpoint;
 use dynagate_proxy::Controller;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
 
-/// Serves the admin API on `listener` until `shutdown` resolves.
+/// Admin connections served at once; more are closed on accept.
+pub const MAX_CONNECTIONS: usize = 256;
+/// A client must send a whole request head within this time.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// After shutdown, how long in-flight calls may still take.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+struct Admin {
+    controller: Arc<Controller>,
+    token: Token,
+}
+
+/// Serves the admin API on `listener` until `shutdown` resolves, then stops accepting,
+/// lets in-flight calls finish (up to `SHUTDOWN_GRACE`) and returns.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     controller: Arc<Controller>,
     token: String,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let _ = (listener, controller, token);
-    shutdown.await;
+    let admin = Arc::new(Admin {
+        controller,
+        token: Token::new(token),
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(true);
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "admin: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "admin: too many connections; closing this one");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let admin = admin.clone();
+        let service = service_fn(move |req| {
+            let admin = admin.clone();
+            async move { Ok::<_, Infallible>(handle(&admin, peer, req).await) }
+        });
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "admin: connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("admin: in-flight calls still running after the grace period; leaving them");
+    }
+}
+
+async fn handle(admin: &Admin, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    if !admin.token.admits(&parts.headers) {
+        tracing::debug!(%peer, method = %parts.method, path = parts.uri.path(), "admin: refused: bad token");
+        return ApiError::unauthorized().into_response(Flavor::Json);
+    }
+    let path = parts.uri.path();
+    let endpoint = match router::resolve(path) {
+        Ok(e) => e,
+        Err(e) => return e.into_response(router::flavor_of_path(path)),
+    };
+    let flavor = endpoint.flavor();
+    if !endpoint.allowed().contains(&parts.method) {
+        return ApiError::method_not_allowed(&parts.method, endpoint.allowed())
+            .into_response(flavor);
+    }
+    let call = Call {
+        controller: &admin.controller,
+        method: parts.method.clone(),
+        query: parts.uri.query(),
+        headers: &parts.headers,
+        body,
+    };
+    let result = match endpoint {
+        Endpoint::DyupsDetail | Endpoint::DyupsList | Endpoint::DyupsUpstream(_) => {
+            dyups::handle(call, endpoint).await
+        }
+        _ => handlers::handle(call, endpoint).await,
+    };
+    match result {
+        Ok(resp) => resp,
+        Err(e) => {
+            if parts.method != http::Method::GET {
+                tracing::info!(%peer, method = %parts.method, path, status = e.status.as_u16(), error = %e.message, "admin: refused");
+            }
+            e.into_response(flavor)
+        }
+    }
 }
