@@ -1,0 +1,128 @@
+//! `dynagate run`: load the stored state, then open the listeners, then serve until
+//! SIGTERM/SIGINT, then drain.
+
+use crate::settings::Settings;
+use crate::token;
+use dynagate_proxy::{Controller, ProxyOptions};
+use dynagate_store::SqliteStore;
+use std::os::unix::fs::DirBuilderExt;
+use std::sync::Arc;
+
+/// Written at start so `dynagate ctl` (and people) can find the listeners.
+pub const RUN_FILE: &str = "run.json";
+
+pub fn run(settings: Settings) -> Result<(), String> {
+    let data_dir = &settings.data_dir;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
+
+    let token = match std::env::var("DYNAGATE_ADMIN_TOKEN") {
+        Ok(t) if t.len() >= 16 => {
+            tracing::info!("admin token taken from DYNAGATE_ADMIN_TOKEN");
+            t
+        }
+        Ok(_) => return Err("DYNAGATE_ADMIN_TOKEN must be at least 16 characters".into()),
+        Err(_) => {
+            let (t, created) = token::load_or_create(data_dir)?;
+            let path = token::token_path(data_dir);
+            if created {
+                tracing::info!(path = %path.display(), "generated a new admin token (mode 0600)");
+            } else {
+                tracing::info!(path = %path.display(), "admin token read");
+            }
+            t
+        }
+    };
+
+    // The stored state is loaded before any listener opens: the first request is served
+    // from the last acknowledged state.
+    let db = data_dir.join("dynagate.db");
+    let store = SqliteStore::open(&db, settings.revisions_retained)
+        .map_err(|e| format!("{}: {e}", db.display()))?;
+    let controller = Arc::new(Controller::open(Arc::new(store)).map_err(|e| e.to_string())?);
+    tracing::info!(
+        revision = controller.revision(),
+        upstreams = controller.config().upstreams.len(),
+        routes = controller.config().routes.len(),
+        "state loaded"
+    );
+
+    let control_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("dynagate-control")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("control runtime: {e}"))?;
+    let admin_listener = control_rt
+        .block_on(tokio::net::TcpListener::bind(settings.admin_listen))
+        .map_err(|e| format!("admin listener {}: {e}", settings.admin_listen))?;
+    let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
+
+    let proxy = dynagate_proxy::start(
+        ProxyOptions {
+            listen: settings.listen,
+            workers: settings.worker_count(),
+            header_read_timeout: settings.limits.header_read_timeout,
+            max_header_bytes: settings.limits.max_header_bytes,
+            max_headers: settings.limits.max_headers,
+            h2_max_concurrent_streams: settings.limits.h2_max_concurrent_streams,
+        },
+        controller.snapshots(),
+    )
+    .map_err(|e| format!("proxy listener {}: {e}", settings.listen))?;
+
+    let run_file = data_dir.join(RUN_FILE);
+    let info = serde_json::json!({
+        "pid": std::process::id(),
+        "proxy": proxy.local_addr.to_string(),
+        "admin": admin_addr.to_string(),
+        "registry": settings.registry_listen.to_string(),
+    });
+    std::fs::write(&run_file, format!("{info}\n"))
+        .map_err(|e| format!("{}: {e}", run_file.display()))?;
+    tracing::info!(
+        proxy = %proxy.local_addr,
+        admin = %admin_addr,
+        workers = settings.worker_count(),
+        "dynagate listening"
+    );
+
+    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin = control_rt.spawn(dynagate_admin::serve(
+        admin_listener,
+        controller.clone(),
+        token,
+        async move {
+            let _ = admin_stopped.await;
+        },
+    ));
+
+    control_rt.block_on(wait_for_signal());
+    tracing::info!(grace = ?settings.grace_period, "shutting down: no new connections; in-flight requests may finish");
+    proxy.shutdown(settings.grace_period);
+    let _ = stop_admin.send(());
+    let _ = control_rt
+        .block_on(async { tokio::time::timeout(std::time::Duration::from_secs(5), admin).await });
+    let _ = std::fs::remove_file(&run_file);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,148 @@
+//! Settings of `dynagate run`: built-in defaults, then a TOML file, then `DYNAGATE_*`
+//! environment variables, then command-line flags — each overriding the one before.
+
+use dynagate_model::duration::serde_duration;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Data-plane listener.
+    pub listen: SocketAddr,
+    /// Admin API listener (loopback by default: the admin API is never public unless asked).
+    pub admin_listen: SocketAddr,
+    /// Service-registry listener (Consul HTTP API), loopback by default.
+    pub registry_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Data-plane threads; 0 = one per core.
+    pub workers: usize,
+    /// How long in-flight requests may run after SIGTERM/SIGINT.
+    #[serde(with = "serde_duration")]
+    pub grace_period: Duration,
+    /// Revisions kept for listing and rollback.
+    pub revisions_retained: u64,
+    /// tracing filter, e.g. `info` or `dynagate=debug`.
+    pub log: String,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// A client must send a whole request head within this time; an idle keep-alive
+    /// connection is closed when its next request does not arrive within it either.
+    #[serde(with = "serde_duration")]
+    pub header_read_timeout: Duration,
+    /// Largest request head, in bytes (431 above).
+    pub max_header_bytes: usize,
+    /// Most request header fields (431 above).
+    pub max_headers: usize,
+    /// HTTP/2 concurrent streams per client connection.
+    pub h2_max_concurrent_streams: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: "0.0.0.0:8080".parse().expect("literal"),
+            admin_listen: "127.0.0.1:9180".parse().expect("literal"),
+            registry_listen: "127.0.0.1:8500".parse().expect("literal"),
+            data_dir: PathBuf::from("./dynagate-data"),
+            workers: 0,
+            grace_period: Duration::from_secs(30),
+            revisions_retained: 1000,
+            log: "info".into(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            h2_max_concurrent_streams: 128,
+        }
+    }
+}
+
+impl Settings {
+    /// Reads and validates a TOML file; errors name the file, the line and the field.
+    pub fn from_file(path: &std::path::Path) -> Result<Settings, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let settings: Settings =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        settings
+            .validate()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(settings)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.workers > 1024 {
+            return Err(format!("workers: {} is out of range 0-1024", self.workers));
+        }
+        if self.grace_period > Duration::from_secs(3600) {
+            return Err("grace_period: must be at most 1h".into());
+        }
+        if self.revisions_retained == 0 {
+            return Err("revisions_retained: must be at least 1".into());
+        }
+        let l = &self.limits;
+        if !(1024..=1024 * 1024).contains(&l.max_header_bytes) {
+            return Err(format!(
+                "limits.max_header_bytes: {} is out of range 1024-1048576",
+                l.max_header_bytes
+            ));
+        }
+        if !(1..=1000).contains(&l.max_headers) {
+            return Err(format!(
+                "limits.max_headers: {} is out of range 1-1000",
+                l.max_headers
+            ));
+        }
+        if l.header_read_timeout.is_zero() {
+            return Err("limits.header_read_timeout: must be greater than 0".into());
+        }
+        if !(1..=10_000).contains(&l.h2_max_concurrent_streams) {
+            return Err("limits.h2_max_concurrent_streams: out of range 1-10000".into());
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log).map_err(|e| format!("log: {e}"))?;
+        Ok(())
+    }
+
+    pub fn worker_count(&self) -> usize {
+        if self.workers == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            self.workers
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_errors_name_the_field() {
+        let err = toml::from_str::<Settings>("listen = \"0.0.0.0:1\"\nbogus = 1\n").unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+        let err = toml::from_str::<Settings>("[limits]\nmax_headers = \"x\"\n").unwrap_err();
+        assert!(err.to_string().contains("max_headers"), "{err}");
+        let s: Settings = toml::from_str("workers = 2\ngrace_period = \"5s\"\n").unwrap();
+        assert_eq!(s.grace_period, Duration::from_secs(5));
+        let s = Settings {
+            workers: 5000,
+            ..Settings::default()
+        };
+        assert!(s.validate().unwrap_err().contains("workers"));
+    }
+}

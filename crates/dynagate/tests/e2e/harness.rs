@@ -1,0 +1,441 @@
+//! Real servers for end-to-end tests: the `dynagate` binary as a child process, backend
+//! HTTP servers on ephemeral loopback ports, and a plain HTTP client.
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+pub type BoxBody =
+    http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+pub fn full(b: impl Into<Bytes>) -> BoxBody {
+    Full::new(b.into()).map_err(|e| match e {}).boxed()
+}
+
+/// A fresh data directory, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "dynagate-e2e-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub struct Gateway {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub token: String,
+    pub client: Client<hyper_util::client::legacy::connect::HttpConnector, BoxBody>,
+}
+
+impl Gateway {
+    pub async fn start(data_dir: &Path) -> Gateway {
+        Self::start_with(data_dir, &[]).await
+    }
+
+    pub async fn start_with(data_dir: &Path, extra: &[&str]) -> Gateway {
+        let run_file = data_dir.join("run.json");
+        let _ = std::fs::remove_file(&run_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.join("gateway.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_dynagate"))
+            .arg("run")
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(if extra.contains(&"--workers") {
+                &[][..]
+            } else {
+                &["--workers", "2"][..]
+            })
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env_remove("DYNAGATE_ADMIN_TOKEN")
+            .env("DYNAGATE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start dynagate");
+        let pid = child.id();
+        let mut gw = None;
+        for _ in 0..500 {
+            if let Ok(text) = std::fs::read_to_string(&run_file) {
+                if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                    if v["pid"].as_u64() == Some(pid as u64) {
+                        gw = Some((
+                            v["proxy"].as_str().unwrap().parse().unwrap(),
+                            v["admin"].as_str().unwrap().parse().unwrap(),
+                        ));
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (proxy, admin) = gw.unwrap_or_else(|| {
+            panic!(
+                "dynagate did not start; log:\n{}",
+                std::fs::read_to_string(data_dir.join("gateway.log")).unwrap_or_default()
+            )
+        });
+        let token = std::fs::read_to_string(data_dir.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        Gateway {
+            child: Some(child),
+            data_dir: data_dir.to_path_buf(),
+            proxy,
+            admin,
+            token,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// An admin call; returns the status and the body (JSON if it parses, else a string).
+    pub async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.admin_raw(method, path, body.map(|b| b.to_string()), Some(&self.token))
+            .await
+    }
+
+    pub async fn admin_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{}", self.admin, path));
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req.body(full(body.unwrap_or_default())).unwrap();
+        let resp = self.client.request(req).await.expect("admin call");
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, value)
+    }
+
+    /// Asserts an admin call succeeded.
+    pub async fn ok(&self, method: &str, path: &str, body: Value) -> Value {
+        let (status, v) = self.admin(method, path, Some(body)).await;
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path} -> {status} {v}"
+        );
+        v
+    }
+
+    pub async fn put_upstream(&self, name: &str, servers: &[&Backend]) {
+        let servers: Vec<Value> = servers
+            .iter()
+            .map(|b| serde_json::json!({"address": b.addr.to_string()}))
+            .collect();
+        self.ok(
+            "PUT",
+            &format!("/v1/upstreams/{name}"),
+            serde_json::json!({"servers": servers}),
+        )
+        .await;
+    }
+
+    pub async fn put_route(&self, id: &str, hosts: &[&str], prefix: &str, upstream: &str) {
+        self.ok(
+            "PUT",
+            &format!("/v1/routes/{id}"),
+            serde_json::json!({"hosts": hosts, "path_prefix": prefix, "upstream": upstream}),
+        )
+        .await;
+    }
+
+    /// GET through the proxy; returns status, the answering backend's name, and the body.
+    pub async fn get(&self, host: &str, path: &str) -> (u16, String, String) {
+        let req = Request::get(format!("http://{}{}", self.proxy, path))
+            .header("host", host)
+            .body(full(""))
+            .unwrap();
+        let resp = self.client.request(req).await.expect("proxy request");
+        let status = resp.status().as_u16();
+        let backend = resp
+            .headers()
+            .get("x-backend")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, backend, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn sigterm(&self) {
+        let pid = self.pid().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(status.success());
+    }
+
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("dynagate did not exit within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Peak resident memory of the gateway process, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("gateway.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- gateway log ({}) ---\n{}",
+                self.data_dir.display(),
+                self.log()
+            );
+        }
+        self.kill9();
+    }
+}
+
+/// A backend HTTP server. Every response carries `x-backend: <name>`.
+/// - `/slow?ms=N` answers after N ms
+/// - `/upload` reads the whole request body and answers with its length
+/// - `/download?bytes=N` streams N bytes
+/// - `/ws` accepts a WebSocket and echoes messages
+/// - anything else answers with the name
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(name, listener)
+    }
+
+    /// Restarts a killed backend on the same address.
+    pub async fn restart(&mut self) {
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        let again = Self::serve(&self.name, listener);
+        self.task.abort();
+        *self = again;
+    }
+
+    fn serve(name: &str, listener: TcpListener) -> Backend {
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicU64::new(0));
+        let name_owned = name.to_string();
+        let hits2 = hits.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let name = name_owned.clone();
+                let hits = hits2.clone();
+                conns.spawn(async move {
+                    let service = service_fn(move |req| {
+                        let name = name.clone();
+                        hits.fetch_add(1, Ordering::Relaxed);
+                        async move {
+                            Ok::<_, std::convert::Infallible>(backend_answer(&name, req).await)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        Backend {
+            name: name.to_string(),
+            addr,
+            hits,
+            task,
+        }
+    }
+
+    /// Stops listening and cuts every open connection, like a crashed process.
+    pub async fn kill(&self) {
+        self.task.abort();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn query_u64(req: &Request<Incoming>, key: &str) -> u64 {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn backend_answer(name: &str, mut req: Request<Incoming>) -> Response<BoxBody> {
+    let path = req.uri().path().to_string();
+    let mut resp = match path.as_str() {
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(query_u64(&req, "ms"))).await;
+            Response::new(full(name.to_string()))
+        }
+        "/upload" => {
+            let mut body = req.into_body();
+            let mut total: u64 = 0;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => {
+                        if let Some(d) = f.data_ref() {
+                            total += d.len() as u64;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            Response::new(full(total.to_string()))
+        }
+        "/download" => {
+            let n = query_u64(&req, "bytes");
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let stream = futures_util::stream::unfold(n, move |left| {
+                let chunk = chunk.clone();
+                async move {
+                    if left == 0 {
+                        return None;
+                    }
+                    let take = left.min(chunk.len() as u64);
+                    Some((
+                        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(
+                            chunk.slice(..take as usize),
+                        )),
+                        left - take,
+                    ))
+                }
+            });
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            r.headers_mut().insert("content-length", n.into());
+            r
+        }
+        "/ws" => {
+            let key = req.headers().get("sec-websocket-key").cloned();
+            let Some(key) = key else {
+                return Response::builder()
+                    .status(400)
+                    .body(full("not a websocket"))
+                    .unwrap();
+            };
+            let accept =
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(upgraded) = on_upgrade.await {
+                    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        tokio_tungstenite::tungstenite::protocol::Role::Server,
+                        None,
+                    )
+                    .await;
+                    while let Some(Ok(msg)) = ws.next().await {
+                        if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+            Response::builder()
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-accept", accept)
+                .body(full(""))
+                .unwrap()
+        }
+        _ => Response::new(full(name.to_string())),
+    };
+    resp.headers_mut()
+        .insert("x-backend", name.parse().unwrap());
+    resp
+}
