@@ -1,0 +1,244 @@
+//! `<data-dir>/registry.db`: SQLite in WAL mode with `synchronous=FULL`, so a commit that
+//! returned survives `kill -9` and power loss. Inspect it with `sqlite3`.
+
+use crate::model::{CheckDef, KvEntry, ServiceDef};
+use crate::store::{Batch, Op, RegistryStore, StoreError, Stored};
+use parking_lot::Mutex;
+use rusqlite::{params, Connection};
+use std::path::Path;
+
+const SCHEMA_VERSION: i64 = 1;
+
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Corrupt {
+                what: path.display().to_string(),
+                why: format!(
+                    "schema version {version} is newer than this dynagate ({SCHEMA_VERSION})"
+                ),
+            });
+        }
+        conn.execute_batch(
+            "BEGIN;
+             CREATE TABLE IF NOT EXISTS services (id TEXT PRIMARY KEY, def TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS checks (id TEXT PRIMARY KEY, def TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS kv (
+                 key TEXT PRIMARY KEY,
+                 value BLOB NOT NULL,
+                 flags INTEGER NOT NULL,
+                 create_index INTEGER NOT NULL,
+                 modify_index INTEGER NOT NULL,
+                 lock_index INTEGER NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             PRAGMA user_version = 1;
+             COMMIT;",
+        )?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
+    }
+}
+
+fn corrupt(what: impl Into<String>, why: impl ToString) -> StoreError {
+    StoreError::Corrupt {
+        what: what.into(),
+        why: why.to_string(),
+    }
+}
+
+// SQLite integers are i64; indexes and flags are u64 stored bit-for-bit.
+fn to_i64(v: u64) -> i64 {
+    v as i64
+}
+fn to_u64(v: i64) -> u64 {
+    v as u64
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Io(e.to_string()))
+}
+
+impl RegistryStore for SqliteStore {
+    fn load(&self) -> Result<Stored, StoreError> {
+        let conn = self.conn.lock();
+        let mut out = Stored::default();
+        let mut stmt = conn.prepare("SELECT key, value FROM meta")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        for row in rows {
+            let (k, v) = row?;
+            if k == "index" {
+                out.index = v.parse().map_err(|e| corrupt("meta index", e))?;
+            } else {
+                out.meta.push((k, v));
+            }
+        }
+        let mut stmt = conn.prepare("SELECT id, def FROM services ORDER BY id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        for row in rows {
+            let (id, def) = row?;
+            let s: ServiceDef =
+                serde_json::from_str(&def).map_err(|e| corrupt(format!("service {id}"), e))?;
+            out.services.push(s);
+        }
+        let mut stmt = conn.prepare("SELECT id, def FROM checks ORDER BY id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        for row in rows {
+            let (id, def) = row?;
+            let c: CheckDef =
+                serde_json::from_str(&def).map_err(|e| corrupt(format!("check {id}"), e))?;
+            out.checks.push(c);
+        }
+        let mut stmt = conn.prepare(
+            "SELECT key, value, flags, create_index, modify_index, lock_index FROM kv ORDER BY key",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(KvEntry {
+                key: r.get(0)?,
+                value: r.get(1)?,
+                flags: to_u64(r.get(2)?),
+                create_index: to_u64(r.get(3)?),
+                modify_index: to_u64(r.get(4)?),
+                lock_index: to_u64(r.get(5)?),
+            })
+        })?;
+        for row in rows {
+            out.kv.push(row?);
+        }
+        Ok(out)
+    }
+
+    fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        let mut conn = self.conn.lock();
+        let tx = conn.transaction()?;
+        for op in &batch.ops {
+            match op {
+                Op::PutService(s) => {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO services (id, def) VALUES (?1, ?2)",
+                        params![s.id, json(s)?],
+                    )?;
+                }
+                Op::DeleteService(id) => {
+                    tx.execute("DELETE FROM services WHERE id = ?1", params![id])?;
+                }
+                Op::PutCheck(c) => {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO checks (id, def) VALUES (?1, ?2)",
+                        params![c.id, json(c)?],
+                    )?;
+                }
+                Op::DeleteCheck(id) => {
+                    tx.execute("DELETE FROM checks WHERE id = ?1", params![id])?;
+                }
+                Op::PutKv(e) => {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO kv (key, value, flags, create_index, modify_index, lock_index)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        params![
+                            e.key,
+                            e.value,
+                            to_i64(e.flags),
+                            to_i64(e.create_index),
+                            to_i64(e.modify_index),
+                            to_i64(e.lock_index)
+                        ],
+                    )?;
+                }
+                Op::DeleteKv(key) => {
+                    tx.execute("DELETE FROM kv WHERE key = ?1", params![key])?;
+                }
+                Op::SetMeta(k, v) => {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+                        params![k, v],
+                    )?;
+                }
+            }
+        }
+        // The high-water mark only ever grows.
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('index', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = CASE
+                 WHEN CAST(excluded.value AS INTEGER) > CAST(meta.value AS INTEGER)
+                 THEN excluded.value ELSE meta.value END",
+            params![batch.index.to_string()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::KvEntry;
+
+    fn temp_db(tag: &str) -> std::path::PathBuf {
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b).unwrap();
+        let name: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        std::env::temp_dir().join(format!("dynagate-registry-sqlite-{tag}-{name}.db"))
+    }
+
+    fn kv(key: &str, idx: u64) -> KvEntry {
+        KvEntry {
+            key: key.into(),
+            value: vec![0, 1, 2],
+            flags: u64::MAX,
+            create_index: idx,
+            modify_index: idx,
+            lock_index: 0,
+        }
+    }
+
+    #[test]
+    fn commit_load_and_high_water() {
+        let path = temp_db("hw");
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            s.commit(&Batch {
+                index: 10,
+                ops: vec![
+                    Op::PutKv(kv("a", 10)),
+                    Op::SetMeta("node_id".into(), "n".into()),
+                ],
+            })
+            .unwrap();
+            // A lower high-water mark never lowers the stored one.
+            s.commit(&Batch {
+                index: 3,
+                ops: vec![Op::PutKv(kv("b", 11)), Op::DeleteKv("a".into())],
+            })
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        let st = s.load().unwrap();
+        assert_eq!(st.index, 10);
+        assert_eq!(st.kv.len(), 1);
+        assert_eq!(st.kv[0].key, "b");
+        assert_eq!(st.kv[0].flags, u64::MAX, "u64 flags survive the i64 column");
+        assert_eq!(st.kv[0].value, vec![0, 1, 2]);
+        assert_eq!(st.meta, vec![("node_id".to_string(), "n".to_string())]);
+        let mode: String = s
+            .conn
+            .lock()
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        drop(s);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! Bytes on the wire, as nginx-upsync-module and other strict clients read them.
+
+mod common;
+
+use common::*;
+use dynagate_registry::RegistryOptions;
+use std::time::{Duration, Instant};
+
+/// Exactly what nginx-upsync-module sends (ngx_sprintf format in its source).
+fn upsync_request(path: &str, index: u64) -> Vec<u8> {
+    format!("GET {path}?recurse&index={index} HTTP/1.0\r\nHost: consul\r\nAccept: */*\r\n\r\n")
+        .into_bytes()
+}
+
+fn assert_upsync_shape(raw: &[u8], expect_index: Option<u64>) -> Resp {
+    let text = String::from_utf8_lossy(raw).into_owned();
+    let r = parse_response(raw);
+    assert!(
+        r.status_line == "HTTP/1.1 200 OK" || r.status_line == "HTTP/1.0 200 OK",
+        "status line: {:?}",
+        r.status_line
+    );
+    // Exact header name bytes.
+    let idx_line = r
+        .head
+        .split("\r\n")
+        .find(|l| l.starts_with("X-Consul-Index: "))
+        .unwrap_or_else(|| panic!("no exact 'X-Consul-Index: ' line in:\n{text}"));
+    let idx: u64 = idx_line["X-Consul-Index: ".len()..].parse().unwrap();
+    assert!(idx >= 1);
+    if let Some(want) = expect_index {
+        assert_eq!(idx, want);
+    }
+    assert!(r.head.contains("\r\nX-Consul-Knownleader: true"), "{text}");
+    assert!(r.head.contains("\r\nX-Consul-Lastcontact: 0"), "{text}");
+    let cl: usize = r
+        .head
+        .split("\r\n")
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .unwrap_or_else(|| panic!("no Content-Length in:\n{text}"))
+        .parse()
+        .unwrap();
+    assert_eq!(cl, r.body.len(), "Content-Length matches the body");
+    assert!(
+        !r.head.to_ascii_lowercase().contains("transfer-encoding"),
+        "never chunked: {text}"
+    );
+    assert!(
+        !r.head
+            .to_ascii_lowercase()
+            .contains("connection: keep-alive"),
+        "{text}"
+    );
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_upsync_kv_mode() {
+    let s = Server::start(RegistryOptions::default()).await;
+    s.put(
+        "/v1/kv/upstreams/test/10.0.0.1:8080",
+        r#"{"weight":1,"max_fails":2,"fail_timeout":10,"down":0,"backup":0}"#,
+    )
+    .await;
+    // First pull: index=0 answers at once. raw_bytes reads to EOF, so this also proves
+    // the connection is closed after the response.
+    let raw = raw_bytes(
+        s.addr,
+        &upsync_request("/v1/kv/upstreams/test/", 0),
+        Duration::from_secs(5),
+    )
+    .await;
+    let r = assert_upsync_shape(&raw, None);
+    let v = r.json();
+    assert_eq!(v[0]["Key"], "upstreams/test/10.0.0.1:8080");
+    let idx = r.index();
+
+    // Blocking pull (no wait: default 5 min) returns on change with a Content-Length body.
+    let addr = s.addr;
+    let w = tokio::spawn(async move {
+        raw_bytes(
+            addr,
+            &upsync_request("/v1/kv/upstreams/test/", idx),
+            Duration::from_secs(20),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!w.is_finished());
+    s.put("/v1/kv/upstreams/test/10.0.0.2:8080", "").await;
+    let raw = w.await.unwrap();
+    let r = assert_upsync_shape(&raw, None);
+    assert!(r.index() > idx);
+    assert_eq!(r.json().as_array().unwrap().len(), 2);
+
+    // Empty upstream: 404 still carries X-Consul-Index exactly.
+    let raw = raw_bytes(
+        s.addr,
+        &upsync_request("/v1/kv/upstreams/none/", 0),
+        Duration::from_secs(5),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    assert!(
+        text.starts_with("HTTP/1.1 404 Not Found\r\n")
+            || text.starts_with("HTTP/1.0 404 Not Found\r\n"),
+        "{text}"
+    );
+    assert!(text.contains("\r\nX-Consul-Index: "), "{text}");
+    assert!(text.contains("\r\nContent-Length: 0\r\n"), "{text}");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_upsync_catalog_and_health_modes() {
+    let s = Server::start(RegistryOptions::default()).await;
+    s.put(
+        "/v1/agent/service/register",
+        r#"{"Name":"x","ID":"x1","Address":"10.0.0.5","Port":80,"Tags":["weight=2","backup"],
+            "Check":{"TTL":"30s","Status":"passing"}}"#,
+    )
+    .await;
+    s.put(
+        "/v1/agent/service/register",
+        r#"{"Name":"x","ID":"x2","Port":81}"#,
+    )
+    .await;
+    let raw = raw_bytes(
+        s.addr,
+        &upsync_request("/v1/catalog/service/x", 0),
+        Duration::from_secs(5),
+    )
+    .await;
+    let r = assert_upsync_shape(&raw, None);
+    let v = r.json();
+    assert_eq!(v[0]["ServiceAddress"], "10.0.0.5");
+    assert_eq!(v[0]["ServicePort"], 80);
+    assert_eq!(v[0]["ServiceTags"][0], "weight=2");
+    assert_eq!(v[1]["ServiceAddress"], "");
+    assert_eq!(v[1]["Address"], "127.0.0.1");
+
+    let raw = raw_bytes(
+        s.addr,
+        &upsync_request("/v1/health/service/x", 0),
+        Duration::from_secs(5),
+    )
+    .await;
+    let r = assert_upsync_shape(&raw, None);
+    let v = r.json();
+    for e in v.as_array().unwrap() {
+        assert!(e["Checks"].is_array(), "Checks always present");
+    }
+    let idx = r.index();
+    // Health mode blocks and wakes on a check status change.
+    let addr = s.addr;
+    let w = tokio::spawn(async move {
+        raw_bytes(
+            addr,
+            &upsync_request("/v1/health/service/x", idx),
+            Duration::from_secs(20),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.put("/v1/agent/check/fail/service:x1", "").await;
+    let raw = w.await.unwrap();
+    let r = assert_upsync_shape(&raw, None);
+    assert!(r.index() > idx);
+    assert_eq!(r.json()[0]["Checks"][1]["Status"], "critical");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_case_on_http11_and_errors() {
+    let s = Server::start(RegistryOptions::default()).await;
+    let raw = raw_bytes(
+        s.addr,
+        b"GET /v1/kv/nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 404 Not Found\r\n"), "{text}");
+    assert!(text.contains("\r\nX-Consul-Index: "), "{text}");
+    assert!(
+        text.contains("\r\nX-Consul-Knownleader: true\r\n"),
+        "{text}"
+    );
+    assert!(text.contains("\r\nX-Consul-Lastcontact: 0\r\n"), "{text}");
+    let raw = raw_bytes(
+        s.addr,
+        b"GET /v1/catalog/services HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&raw);
+    assert!(
+        text.contains("\r\nContent-Type: application/json\r\n"),
+        "{text}"
+    );
+    assert!(text.contains("\r\nX-Consul-Index: "), "{text}");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http11_keep_alive_serves_several_requests() {
+    let s = Server::start(RegistryOptions::default()).await;
+    let t = Instant::now();
+    let raw = raw_bytes(
+        s.addr,
+        b"GET /v1/status/leader HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/status/peers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&raw);
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+    assert!(t.elapsed() < Duration::from_secs(3));
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "prints the raw bytes for a human to look at"]
+async fn show_raw_http10_response() {
+    let s = Server::start(RegistryOptions::default()).await;
+    s.put("/v1/kv/upstreams/test/10.0.0.1:80", "").await;
+    let raw = raw_bytes(
+        s.addr,
+        &upsync_request("/v1/kv/upstreams/test/", 0),
+        Duration::from_secs(5),
+    )
+    .await;
+    println!("{}", String::from_utf8_lossy(&raw));
+    s.shutdown().await;
+}
