@@ -21,7 +21,7 @@ pub struct Config {
 pub enum Command {
     /// Create or replace an upstream. Emptying a non-empty upstream needs `force`.
     PutUpstream {
-        upstream: Upstream,
+        upstream: Box<Upstream>,
         force: bool,
     },
     DeleteUpstream {
@@ -30,6 +30,13 @@ pub enum Command {
     /// Replace the servers of an upstream, creating it with default settings if missing
     /// and keeping its other settings otherwise (the dyups `POST /upstream/{name}`).
     SetServers {
+        upstream: String,
+        servers: Vec<Server>,
+    },
+    /// The service registry's view of an upstream's members (each with its registry
+    /// status). Creates the registry-fed upstream if missing; keeps every operator
+    /// `state` override of members that stay.
+    SyncRegistry {
         upstream: String,
         servers: Vec<Server>,
     },
@@ -120,6 +127,30 @@ impl Config {
         let mut whole = false;
         match command {
             Command::PutUpstream { upstream, force } => {
+                let mut upstream = *upstream;
+                if upstream.servers.iter().any(|s| s.registry.is_some()) {
+                    return Err(ModelError::invalid(
+                        "servers",
+                        "`registry` is set by the service registry only",
+                    ));
+                }
+                match self.upstreams.get(&upstream.name) {
+                    Some(old) if old.registry_fed => {
+                        // Settings may change; membership stays the registry's.
+                        if !upstream.servers.is_empty() {
+                            self.membership_writable(&upstream.name)?;
+                        }
+                        upstream.servers = old.servers.clone();
+                        upstream.registry_fed = true;
+                    }
+                    _ if upstream.registry_fed => {
+                        return Err(ModelError::invalid(
+                            "registry_fed",
+                            "set by the service registry only: register a service of this name",
+                        ));
+                    }
+                    _ => {}
+                }
                 validate_upstream(&upstream)?;
                 if let Some(old) = self.upstreams.get(&upstream.name) {
                     if !old.servers.is_empty() && upstream.servers.is_empty() && !force {
@@ -137,7 +168,10 @@ impl Config {
                     .insert(upstream.name.clone(), Arc::new(upstream));
             }
             Command::DeleteUpstream { name } => {
-                self.existing_upstream(&name)?;
+                let old = self.existing_upstream(&name)?;
+                if old.registry_fed && !old.servers.is_empty() {
+                    self.membership_writable(&name)?;
+                }
                 let users = self.routes_using(&name);
                 if !users.is_empty() {
                     return Err(ModelError::Conflict(format!(
@@ -150,6 +184,7 @@ impl Config {
                 touched_upstream = Some(name);
             }
             Command::SetServers { upstream, servers } => {
+                self.membership_writable(&upstream)?;
                 let up = match self.upstreams.get(&upstream) {
                     Some(old) => Upstream {
                         servers,
@@ -168,9 +203,50 @@ impl Config {
                 next.upstreams.insert(upstream.clone(), Arc::new(up));
                 touched_upstream = Some(upstream);
             }
+            Command::SyncRegistry { upstream, servers } => {
+                let mut up = match self.upstreams.get(&upstream) {
+                    Some(old) if !old.registry_fed => {
+                        return Err(ModelError::Conflict(format!(
+                            "upstream {upstream:?} is managed through the admin API; the registry service of that name is not applied"
+                        )));
+                    }
+                    Some(old) => (**old).clone(),
+                    None => Upstream {
+                        registry_fed: true,
+                        ..Upstream::new(upstream.clone(), Vec::new())
+                    },
+                };
+                let overrides: std::collections::HashMap<&str, ServerState> = up
+                    .servers
+                    .iter()
+                    .map(|s| (s.address.as_str(), s.state))
+                    .collect();
+                let servers: Vec<Server> = servers
+                    .into_iter()
+                    .map(|mut s| {
+                        s.state = overrides
+                            .get(s.address.as_str())
+                            .copied()
+                            .unwrap_or(ServerState::Up);
+                        s
+                    })
+                    .collect();
+                up.servers = servers;
+                validate_upstream(&up)?;
+                summary = format!("registry: {} has {} servers", upstream, up.servers.len());
+                next.upstreams.insert(upstream.clone(), Arc::new(up));
+                touched_upstream = Some(upstream);
+            }
             Command::AddServer { upstream, server } => {
                 let old = self.existing_upstream(&upstream)?;
+                self.membership_writable(&upstream)?;
                 validate_server("server", &server)?;
+                if server.registry.is_some() {
+                    return Err(ModelError::invalid(
+                        "registry",
+                        "set by the service registry only",
+                    ));
+                }
                 if old.server(&server.address).is_some() {
                     return Err(ModelError::Conflict(format!(
                         "upstream {upstream:?} already has server {:?}",
@@ -198,8 +274,14 @@ impl Config {
                 if patch.is_empty() {
                     return Err(ModelError::invalid(
                         "body",
-                        "set at least one of weight, state, backup",
+                        "set at least one of weight, state, backup, zone",
                     ));
+                }
+                if old.registry_fed && (patch.weight.is_some() || patch.backup.is_some()) {
+                    return Err(ModelError::Conflict(format!(
+                        "weight and backup of upstream {upstream:?} come from the service registry; \
+                         only state may be overridden"
+                    )));
                 }
                 let mut up = (**old).clone();
                 let server = up
@@ -217,6 +299,10 @@ impl Config {
                 if let Some(b) = patch.backup {
                     server.backup = b;
                 }
+                if let Some(z) = &patch.zone {
+                    crate::validate::validate_zone("zone", z)?;
+                    server.zone = if z.is_empty() { None } else { Some(z.clone()) };
+                }
                 summary = format!(
                     "update server {address} of {upstream}: {}",
                     describe_patch(&patch)
@@ -230,6 +316,7 @@ impl Config {
                 force,
             } => {
                 let old = self.existing_upstream(&upstream)?;
+                self.membership_writable(&upstream)?;
                 if old.server(&address).is_none() {
                     return Err(server_not_found(&upstream, &address));
                 }
@@ -317,6 +404,17 @@ impl Config {
         })
     }
 
+    /// Refuses membership changes of registry-fed upstreams.
+    fn membership_writable(&self, name: &str) -> Result<(), ModelError> {
+        if self.upstreams.get(name).is_some_and(|u| u.registry_fed) {
+            return Err(ModelError::Conflict(format!(
+                "the servers of upstream {name:?} come from the service registry; register or \
+                 deregister service instances instead (server state overrides are allowed)"
+            )));
+        }
+        Ok(())
+    }
+
     fn existing_upstream(&self, name: &str) -> Result<&Arc<Upstream>, ModelError> {
         self.upstreams
             .get(name)
@@ -385,6 +483,9 @@ fn describe_patch(p: &ServerPatch) -> String {
     }
     if let Some(b) = p.backup {
         parts.push(format!("backup={b}"));
+    }
+    if let Some(z) = &p.zone {
+        parts.push(format!("zone={z}"));
     }
     parts.join(" ")
 }

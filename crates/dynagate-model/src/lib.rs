@@ -10,7 +10,10 @@ pub mod validate;
 
 pub use config::{Applied, Change, Command, Config, Revision};
 pub use error::ModelError;
-pub use types::{Balance, Route, Server, ServerPatch, ServerState, Upstream};
+pub use types::{
+    Balance, CheckKind, HashMethod, HealthCheck, Outlier, RegistryStatus, Route, Server,
+    ServerPatch, ServerState, Upstream,
+};
 
 #[cfg(test)]
 mod tests {
@@ -20,10 +23,10 @@ mod tests {
         let c = Config::default();
         let a = c
             .apply(Command::PutUpstream {
-                upstream: Upstream::new(
+                upstream: Box::new(Upstream::new(
                     "shop",
                     vec![Server::new("127.0.0.1:9001"), Server::new("127.0.0.1:9002")],
-                ),
+                )),
                 force: false,
             })
             .unwrap();
@@ -87,7 +90,7 @@ mod tests {
         );
         let err = c
             .apply(Command::PutUpstream {
-                upstream: dup,
+                upstream: Box::new(dup),
                 force: false,
             })
             .unwrap_err();
@@ -137,5 +140,109 @@ mod tests {
         let text = serde_json::to_string(&u).unwrap();
         let back: Upstream = serde_json::from_str(&text).unwrap();
         assert_eq!(back, u);
+    }
+
+    #[test]
+    fn registry_fed_membership_is_read_only_and_keeps_overrides() {
+        let member = |addr: &str, status: RegistryStatus| Server {
+            registry: Some(status),
+            ..Server::new(addr)
+        };
+        let c = Config::default();
+        let a = c
+            .apply(Command::SyncRegistry {
+                upstream: "web".into(),
+                servers: vec![
+                    member("127.0.0.1:1", RegistryStatus::Passing),
+                    member("127.0.0.1:2", RegistryStatus::Passing),
+                ],
+            })
+            .unwrap();
+        assert!(a.config.upstreams["web"].registry_fed);
+        // Operator drains one; the next sync keeps the drain and updates health.
+        let b = a
+            .config
+            .apply(Command::UpdateServer {
+                upstream: "web".into(),
+                address: "127.0.0.1:1".into(),
+                patch: ServerPatch {
+                    state: Some(ServerState::Drain),
+                    ..Default::default()
+                },
+            })
+            .unwrap();
+        let c2 = b
+            .config
+            .apply(Command::SyncRegistry {
+                upstream: "web".into(),
+                servers: vec![
+                    member("127.0.0.1:1", RegistryStatus::Critical),
+                    member("127.0.0.1:3", RegistryStatus::Passing),
+                ],
+            })
+            .unwrap()
+            .config;
+        let web = &c2.upstreams["web"];
+        assert_eq!(web.servers.len(), 2);
+        assert_eq!(web.servers[0].state, ServerState::Drain);
+        assert_eq!(web.servers[0].registry, Some(RegistryStatus::Critical));
+        assert_eq!(web.servers[1].state, ServerState::Up);
+        let weight = ServerPatch {
+            weight: Some(5),
+            ..Default::default()
+        };
+        let err = c2
+            .apply(Command::UpdateServer {
+                upstream: "web".into(),
+                address: "127.0.0.1:3".into(),
+                patch: weight,
+            })
+            .unwrap_err();
+        assert_eq!(err.status(), 409);
+        // Membership writes are refused; settings may change.
+        for cmd in [
+            Command::AddServer {
+                upstream: "web".into(),
+                server: Server::new("127.0.0.1:9"),
+            },
+            Command::RemoveServer {
+                upstream: "web".into(),
+                address: "127.0.0.1:3".into(),
+                force: true,
+            },
+            Command::SetServers {
+                upstream: "web".into(),
+                servers: vec![Server::new("127.0.0.1:9")],
+            },
+            Command::DeleteUpstream { name: "web".into() },
+        ] {
+            assert_eq!(c2.apply(cmd).unwrap_err().status(), 409);
+        }
+        let mut settings = Upstream::new("web", vec![]);
+        settings.retries = 3;
+        let d = c2
+            .apply(Command::PutUpstream {
+                upstream: Box::new(settings),
+                force: false,
+            })
+            .unwrap()
+            .config;
+        assert_eq!(d.upstreams["web"].retries, 3);
+        assert_eq!(d.upstreams["web"].servers.len(), 2);
+        // An admin-managed upstream of the same name is never overwritten by the registry.
+        let admin = Config::default()
+            .apply(Command::PutUpstream {
+                upstream: Box::new(Upstream::new("api", vec![Server::new("127.0.0.1:5")])),
+                force: false,
+            })
+            .unwrap()
+            .config;
+        let err = admin
+            .apply(Command::SyncRegistry {
+                upstream: "api".into(),
+                servers: vec![],
+            })
+            .unwrap_err();
+        assert_eq!(err.status(), 409);
     }
 }

@@ -1,7 +1,7 @@
 //! Validation of every field an operator can set. Errors name the field at fault.
 
 use crate::error::ModelError;
-use crate::types::{Route, Server, Upstream};
+use crate::types::{Balance, CheckKind, HealthCheck, Route, Server, Upstream};
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::time::Duration;
@@ -85,7 +85,126 @@ pub fn validate_weight(field: &str, weight: u32) -> Result<(), ModelError> {
 
 pub fn validate_server(field: &str, server: &Server) -> Result<(), ModelError> {
     validate_address(&format!("{field}.address"), &server.address)?;
-    validate_weight(&format!("{field}.weight"), server.weight)
+    validate_weight(&format!("{field}.weight"), server.weight)?;
+    if let Some(z) = &server.zone {
+        validate_zone(&format!("{field}.zone"), z)?;
+    }
+    Ok(())
+}
+
+/// Zones: up to 64 characters of letters, digits, `.`, `_`, `-`.
+pub fn validate_zone(field: &str, zone: &str) -> Result<(), ModelError> {
+    if zone.len() > 64
+        || !zone
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(ModelError::invalid(
+            field,
+            format!("{zone:?} is not a zone name (letters, digits, . _ -)"),
+        ));
+    }
+    Ok(())
+}
+
+/// `header:NAME`, `cookie:NAME`, `client_ip`, `uri` or `arg:NAME`.
+pub fn validate_hash_key(field: &str, key: &str) -> Result<(), ModelError> {
+    let ok = match key.split_once(':') {
+        Some(("header", name)) => http_token(name),
+        Some(("cookie", name)) | Some(("arg", name)) => {
+            !name.is_empty()
+                && name.len() <= 128
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'=' && b != b';' && b != b'&')
+        }
+        None => key == "client_ip" || key == "uri",
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ModelError::invalid(
+            field,
+            format!("{key:?} is not one of header:NAME, cookie:NAME, client_ip, uri, arg:NAME"),
+        ))
+    }
+}
+
+fn http_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn validate_health_check(hc: &HealthCheck) -> Result<(), ModelError> {
+    let ms = Duration::from_millis;
+    validate_timeout("health_check.interval", hc.interval, ms(100), ms(3_600_000))?;
+    validate_timeout("health_check.timeout", hc.timeout, ms(10), ms(600_000))?;
+    if hc.timeout > hc.interval {
+        return Err(ModelError::invalid(
+            "health_check.timeout",
+            "must not exceed interval",
+        ));
+    }
+    if !(1..=100).contains(&hc.rise) {
+        return Err(ModelError::invalid(
+            "health_check.rise",
+            format!("{} is out of range 1-100", hc.rise),
+        ));
+    }
+    if !(1..=100).contains(&hc.fall) {
+        return Err(ModelError::invalid(
+            "health_check.fall",
+            format!("{} is out of range 1-100", hc.fall),
+        ));
+    }
+    if hc.kind == CheckKind::Http {
+        if !hc.path.starts_with('/') || hc.path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return Err(ModelError::invalid(
+                "health_check.path",
+                "must start with / and have no spaces",
+            ));
+        }
+        if !http_token(&hc.method) || hc.method != hc.method.to_ascii_uppercase() {
+            return Err(ModelError::invalid(
+                "health_check.method",
+                format!("{:?} is not an upper-case HTTP method", hc.method),
+            ));
+        }
+        for (name, value) in &hc.headers {
+            if !http_token(name) {
+                return Err(ModelError::invalid(
+                    "health_check.headers",
+                    format!("{name:?} is not a header name"),
+                ));
+            }
+            if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                return Err(ModelError::invalid(
+                    "health_check.headers",
+                    format!("value of {name:?} has a control character"),
+                ));
+            }
+        }
+        if let Some(h) = &hc.host {
+            if h.is_empty() || h.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                return Err(ModelError::invalid(
+                    "health_check.host",
+                    "must be a non-empty host[:port]",
+                ));
+            }
+        }
+        for s in &hc.expected_statuses {
+            if !(100..=599).contains(s) {
+                return Err(ModelError::invalid(
+                    "health_check.expected_statuses",
+                    format!("{s} is not an HTTP status"),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn validate_timeout(
@@ -136,6 +255,39 @@ pub fn validate_upstream(up: &Upstream) -> Result<(), ModelError> {
     validate_timeout("connect_timeout", up.connect_timeout, ms(1), ms(600_000))?;
     validate_timeout("read_timeout", up.read_timeout, ms(1), ms(86_400_000))?;
     validate_timeout("fail_timeout", up.fail_timeout, ms(1), ms(86_400_000))?;
+    match (&up.hash_key, up.balance) {
+        (Some(key), _) => validate_hash_key("hash_key", key)?,
+        (None, Balance::ConsistentHash) => {
+            return Err(ModelError::invalid(
+                "hash_key",
+                "consistent_hash needs a hash_key",
+            ));
+        }
+        (None, _) => {}
+    }
+    if let Some(hc) = &up.health_check {
+        validate_health_check(hc)?;
+    }
+    validate_timeout("slow_start", up.slow_start, Duration::ZERO, ms(3_600_000))?;
+    let o = &up.outlier;
+    validate_timeout(
+        "outlier.base_ejection_time",
+        o.base_ejection_time,
+        ms(1),
+        ms(86_400_000),
+    )?;
+    validate_timeout(
+        "outlier.max_ejection_time",
+        o.max_ejection_time,
+        o.base_ejection_time,
+        ms(86_400_000),
+    )?;
+    if o.max_ejection_percent > 100 {
+        return Err(ModelError::invalid(
+            "outlier.max_ejection_percent",
+            "must be at most 100",
+        ));
+    }
     if up.keepalive > MAX_KEEPALIVE {
         return Err(ModelError::invalid(
             "keepalive",

@@ -1,6 +1,7 @@
 //! Body types of the proxy: what goes upstream (`UpBody`) and what goes back to the
 //! client (`ProxyBody`). Both stream frame by frame; nothing buffers a whole body.
 
+use crate::access_log::{AccessLog, Entry};
 use crate::pool::{Pool, Sender};
 use crate::runtime::{InFlight, ServerStats};
 use bytes::Bytes;
@@ -57,6 +58,22 @@ pub struct Release {
     pub max_idle: usize,
 }
 
+/// An access-log entry waiting for the end of its response body.
+pub struct PendingLog {
+    pub log: Arc<AccessLog>,
+    pub entry: Entry,
+    pub start: std::time::Instant,
+}
+
+impl PendingLog {
+    pub fn emit(mut self: Box<Self>, bytes_sent: u64) {
+        self.entry.bytes_sent = bytes_sent;
+        self.entry.total_time = self.start.elapsed();
+        let PendingLog { log, entry, .. } = *self;
+        log.log(entry);
+    }
+}
+
 /// An upstream response body on its way to the client.
 pub struct UpstreamBody {
     inner: Incoming,
@@ -66,6 +83,8 @@ pub struct UpstreamBody {
     read_timeout: Duration,
     /// Armed only when the upstream makes us wait: most small bodies never need it.
     timer: Option<Pin<Box<Sleep>>>,
+    bytes: u64,
+    log: Option<Box<PendingLog>>,
 }
 
 impl UpstreamBody {
@@ -75,6 +94,7 @@ impl UpstreamBody {
         in_flight: InFlight,
         stats: Arc<ServerStats>,
         read_timeout: Duration,
+        log: Option<Box<PendingLog>>,
     ) -> Self {
         let mut body = UpstreamBody {
             inner,
@@ -83,6 +103,8 @@ impl UpstreamBody {
             stats,
             read_timeout,
             timer: None,
+            bytes: 0,
+            log,
         };
         if body.inner.is_end_stream() {
             body.finish(true);
@@ -97,6 +119,18 @@ impl UpstreamBody {
             }
         }
         self.in_flight = None;
+        if let Some(log) = self.log.take() {
+            log.emit(self.bytes);
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // The client went away mid-body: still log what was sent.
+        if let Some(log) = self.log.take() {
+            log.emit(self.bytes);
+        }
     }
 }
 
@@ -124,6 +158,9 @@ impl Body for UpstreamBody {
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
                 if let Some(t) = this.timer.as_mut() {
                     t.as_mut()
                         .reset(tokio::time::Instant::now() + this.read_timeout);

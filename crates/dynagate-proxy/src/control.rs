@@ -2,8 +2,10 @@
 //! store, and only then published to the data plane as a new snapshot. Commands are
 //! serialized; the data plane never waits for them.
 
+use crate::proxy::GlobalCounters;
 use crate::routing::RouteTable;
 use crate::runtime::{mono_ms, unix_ms, Snapshot, UpstreamRuntime};
+use crate::stats::{CheckResult, LATENCY_BOUNDS_MS};
 use arc_swap::ArcSwap;
 use dynagate_model::{Change, Command, Config, ModelError, Revision, ServerState, Upstream};
 use dynagate_store::{RevisionSummary, Store, StoreError};
@@ -48,13 +50,55 @@ pub struct ServerStatus {
     pub weight: u32,
     pub state: ServerState,
     pub backup: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
     pub in_flight: u64,
     pub requests: u64,
     pub failures: u64,
-    /// True while passive health skips the server.
+    /// True while nginx-style passive health (max_fails/fail_timeout) skips the server.
     pub passive_unhealthy: bool,
-    /// Unix milliseconds of the last admin or health state change.
+    /// Active health: `healthy`, `unhealthy`, or `unchecked` (no check configured yet).
+    pub health: &'static str,
+    pub last_check: Option<CheckResult>,
+    /// True while outlier detection keeps the server out.
+    pub ejected: bool,
+    pub ejections: u64,
+    /// The weight after slow start.
+    pub effective_weight: f64,
+    /// Whether the balancer would give it a new request now.
+    pub available: bool,
+    /// Registry-fed servers: the registry's verdict (passing, warning, critical, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registry: Option<&'static str>,
+    /// Unix milliseconds of the last admin, health or ejection state change.
     pub last_state_change_ms: u64,
+    pub responses: ResponseClasses,
+    pub latency: Latency,
+}
+
+/// Responses by status class.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResponseClasses {
+    #[serde(rename = "1xx")]
+    pub c1: u64,
+    #[serde(rename = "2xx")]
+    pub c2: u64,
+    #[serde(rename = "3xx")]
+    pub c3: u64,
+    #[serde(rename = "4xx")]
+    pub c4: u64,
+    #[serde(rename = "5xx")]
+    pub c5: u64,
+}
+
+/// Response-head latency histogram: `counts[i]` responses took at most `bounds_ms[i]`
+/// (and more than the bound before); the last count is above every bound.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub bounds_ms: &'static [f64],
+    pub counts: Vec<u64>,
+    pub sum_ms: f64,
+    pub count: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -69,10 +113,18 @@ struct Inner {
     revision: u64,
 }
 
+/// Adds lines to the metrics text (the registry registers one).
+pub type MetricsSource = Box<dyn Fn(&mut String) + Send + Sync>;
+
 pub struct Controller {
     inner: Mutex<Inner>,
     store: Arc<dyn Store>,
     snapshot: Arc<ArcSwap<Snapshot>>,
+    /// The revision in force, for watchers (the health checker, later etcd).
+    revision_tx: tokio::sync::watch::Sender<u64>,
+    pub counters: Arc<GlobalCounters>,
+    metrics_sources: Mutex<Vec<MetricsSource>>,
+    started: std::time::Instant,
 }
 
 impl Controller {
@@ -95,6 +147,7 @@ impl Controller {
                 })
                 .collect(),
         };
+        let (revision_tx, _) = tokio::sync::watch::channel(loaded.revision);
         Ok(Controller {
             inner: Mutex::new(Inner {
                 config: loaded.config,
@@ -102,12 +155,36 @@ impl Controller {
             }),
             store,
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
+            revision_tx,
+            counters: Arc::default(),
+            metrics_sources: Mutex::new(Vec::new()),
+            started: std::time::Instant::now(),
         })
     }
 
     /// The handle every data-plane worker reads the current snapshot from.
     pub fn snapshots(&self) -> Arc<ArcSwap<Snapshot>> {
         self.snapshot.clone()
+    }
+
+    /// Notified with the new revision number after every published change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.revision_tx.subscribe()
+    }
+
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    pub fn add_metrics_source(&self, source: MetricsSource) {
+        self.metrics_sources.lock().push(source);
+    }
+
+    /// Appends the lines of every registered metrics source.
+    pub fn render_extra_metrics(&self, out: &mut String) {
+        for source in self.metrics_sources.lock().iter() {
+            source(out);
+        }
     }
 
     pub fn config(&self) -> Config {
@@ -209,31 +286,67 @@ impl Controller {
             next.routes = Arc::new(RouteTable::build(config.routes.values()));
         }
         self.snapshot.store(Arc::new(next));
+        self.revision_tx.send_replace(revision.number);
     }
 
     /// The configuration of an upstream with the live state of each of its servers.
     pub fn upstream_status(&self, name: &str) -> Option<UpstreamStatus> {
         let snapshot = self.snapshot.load();
         let up = snapshot.upstreams.get(name)?;
-        let now = mono_ms();
-        let live = up
-            .servers
-            .iter()
-            .map(|s| ServerStatus {
-                address: s.spec.address.clone(),
-                weight: s.spec.weight,
-                state: s.spec.state,
-                backup: s.spec.backup,
-                in_flight: s.stats.in_flight.load(Ordering::Relaxed),
-                requests: s.stats.requests.load(Ordering::Relaxed),
-                failures: s.stats.failures.load(Ordering::Relaxed),
-                passive_unhealthy: s.stats.passive_skipped(now),
-                last_state_change_ms: s.stats.last_state_change_ms.load(Ordering::Relaxed),
-            })
-            .collect();
+        let live = server_statuses(up);
         Some(UpstreamStatus {
             spec: (*up.spec).clone(),
             live,
         })
     }
+}
+
+/// The live status of every server of an upstream.
+pub fn server_statuses(up: &UpstreamRuntime) -> Vec<ServerStatus> {
+    let now = mono_ms();
+    up.servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let st = &s.stats;
+            let classes = st.class_totals();
+            let counts: Vec<u64> = st
+                .latency_buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect();
+            ServerStatus {
+                address: s.spec.address.clone(),
+                weight: s.spec.weight,
+                state: s.spec.state,
+                backup: s.spec.backup,
+                zone: s.spec.zone.clone(),
+                in_flight: st.in_flight.load(Ordering::Relaxed),
+                requests: st.requests.load(Ordering::Relaxed),
+                failures: st.failures.load(Ordering::Relaxed),
+                passive_unhealthy: st.passive_skipped(now),
+                health: st.health().as_str(),
+                last_check: st.last_check.lock().clone(),
+                ejected: st.ejected(now),
+                ejections: st.ejections.load(Ordering::Relaxed),
+                effective_weight: up.current_weight(i),
+                available: up.available(i, now),
+                registry: s.spec.registry.map(|r| r.as_str()),
+                last_state_change_ms: st.last_state_change_ms.load(Ordering::Relaxed),
+                responses: ResponseClasses {
+                    c1: classes[0],
+                    c2: classes[1],
+                    c3: classes[2],
+                    c4: classes[3],
+                    c5: classes[4],
+                },
+                latency: Latency {
+                    bounds_ms: &LATENCY_BOUNDS_MS,
+                    count: counts.iter().sum(),
+                    counts,
+                    sum_ms: st.latency_sum_us.load(Ordering::Relaxed) as f64 / 1000.0,
+                },
+            }
+        })
+        .collect()
 }

@@ -7,13 +7,18 @@
 //! - `pool`, `body`: upstream connections and streaming bodies
 //! - `server`:  listeners and worker threads
 
+pub mod access_log;
+pub mod balance;
 pub mod body;
 pub mod control;
+pub mod health;
+pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod routing;
 pub mod runtime;
 pub mod server;
+pub mod stats;
 
 pub use control::{ControlError, Controller, Outcome, ServerStatus, UpstreamStatus};
 pub use server::{start, ProxyHandle, ProxyOptions};

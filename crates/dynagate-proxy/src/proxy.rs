@@ -12,24 +12,63 @@
 //! WebSocket and other upgrades take `proxy_upgrade`: the tunnel opens only after the
 //! upstream answered 101.
 
-use crate::body::{ProxyBody, Release, UpBody, UpstreamBody};
+use crate::access_log::{AccessLog, Entry};
+use crate::body::{PendingLog, ProxyBody, Release, UpBody, UpstreamBody};
 use crate::pool::{self, Pool, Sender};
 use crate::routing::normalize_host;
-use crate::runtime::{InFlight, ServerRuntime, Snapshot, UpstreamRuntime};
+use crate::runtime::{InFlight, Pick, ServerRuntime, Snapshot, UpstreamRuntime};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use dynagate_model::Balance;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 
 /// What every request handled by one worker thread shares.
 pub struct Worker {
     pub snapshots: Arc<ArcSwap<Snapshot>>,
     pub pool: Arc<Pool>,
+    pub access_log: Option<Arc<AccessLog>>,
+    pub counters: Arc<GlobalCounters>,
+}
+
+/// Requests that never reached an upstream, by cause (for metrics).
+#[derive(Debug, Default)]
+pub struct GlobalCounters {
+    pub no_route: std::sync::atomic::AtomicU64,
+    pub bad_request: std::sync::atomic::AtomicU64,
+    pub no_server: std::sync::atomic::AtomicU64,
+    pub retries: std::sync::atomic::AtomicU64,
+}
+
+/// What one request carries through its phases, for retries, metrics and the log.
+struct Ctx<'a> {
+    worker: &'a Worker,
+    start: Instant,
+    route: Arc<str>,
+    log: Option<Entry>,
+}
+
+impl Ctx<'_> {
+    /// Logs a response dynagate wrote itself.
+    fn finish(&mut self, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+        if let (Some(log), Some(mut entry)) = (&self.worker.access_log, self.log.take()) {
+            entry.status = resp.status().as_u16();
+            entry.bytes_sent = match resp.body() {
+                ProxyBody::Full(Some(b)) => b.len() as u64,
+                _ => 0,
+            };
+            entry.total_time = self.start.elapsed();
+            log.log(entry);
+        }
+        resp
+    }
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -61,9 +100,17 @@ pub async fn handle(
     client: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    let mut ctx = Ctx {
+        worker,
+        start: Instant::now(),
+        route: empty_route(),
+        log: worker.access_log.as_ref().map(|_| log_entry(&req, client)),
+    };
+
     // 1. screen
     if let Err(why) = screen(&req) {
-        return error_response(StatusCode::BAD_REQUEST, why);
+        worker.counters.bad_request.fetch_add(1, Ordering::Relaxed);
+        return ctx.finish(error_response(StatusCode::BAD_REQUEST, why));
     }
 
     // 2. route
@@ -75,7 +122,8 @@ pub async fn handle(
         .find(&host, req.uri().path(), req.method().as_str())
     else {
         tracing::debug!(host = %host, path = req.uri().path(), "no route");
-        return error_response(
+        worker.counters.no_route.fetch_add(1, Ordering::Relaxed);
+        let resp = error_response(
             StatusCode::NOT_FOUND,
             format!(
                 "dynagate: no route for host {:?} path {:?}",
@@ -83,14 +131,27 @@ pub async fn handle(
                 req.uri().path()
             ),
         );
+        return ctx.finish(resp);
     };
-    let Some(upstream) = snapshot.upstreams.get(&route.upstream).cloned() else {
-        return error_response(
+    ctx.route = route.id.clone();
+    let Some(upstream) = snapshot.upstreams.get(&*route.upstream).cloned() else {
+        let resp = error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("dynagate: upstream {:?} does not exist", route.upstream),
         );
+        return ctx.finish(resp);
     };
+    if let Some(entry) = ctx.log.as_mut() {
+        entry.route = Some(route.id.clone());
+        entry.upstream = Some(route.upstream.clone());
+    }
     let upgrade = is_upgrade(&req);
+    let hash = match &upstream.spec.hash_key {
+        Some(key) if upstream.spec.balance == Balance::ConsistentHash => {
+            hash_key(&req, client, key)
+        }
+        _ => None,
+    };
 
     // 4. upstream_request (before selection: it does not depend on the server)
     let forwarded_host = raw_host.map(|h| h.into_owned());
@@ -104,9 +165,68 @@ pub async fn handle(
     drop(snapshot);
 
     if upgrade {
-        return proxy_upgrade(req, &upstream).await;
+        return proxy_upgrade(&mut ctx, req, &upstream).await;
     }
-    send(worker, req, &upstream).await
+    send(&mut ctx, req, &upstream, hash).await
+}
+
+fn empty_route() -> Arc<str> {
+    static EMPTY: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(|| Arc::from("")).clone()
+}
+
+fn log_entry(req: &Request<Incoming>, client: SocketAddr) -> Entry {
+    Entry {
+        time: std::time::SystemTime::now(),
+        client: client.ip(),
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        version: req.version(),
+        host: req.headers().get(header::HOST).cloned(),
+        status: 0,
+        bytes_sent: 0,
+        referer: req.headers().get(header::REFERER).cloned(),
+        user_agent: req.headers().get(header::USER_AGENT).cloned(),
+        route: None,
+        upstream: None,
+        upstream_addr: None,
+        upstream_time: None,
+        total_time: Duration::ZERO,
+    }
+}
+
+/// The hash of the request key of `consistent_hash`; `None` when the request lacks it.
+fn hash_key(req: &Request<Incoming>, client: SocketAddr, key: &str) -> Option<u64> {
+    let value: std::borrow::Cow<'_, [u8]> = match key.split_once(':') {
+        Some(("header", name)) => req.headers().get(name)?.as_bytes().into(),
+        Some(("cookie", name)) => req
+            .headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|kv| {
+                let (k, v) = kv.trim().split_once('=')?;
+                (k == name).then(|| v.as_bytes().to_vec().into())
+            })?,
+        Some(("arg", name)) => req.uri().query().and_then(|q| {
+            q.split('&').find_map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                (k == name).then(|| v.as_bytes().to_vec().into())
+            })
+        })?,
+        None if key == "client_ip" => client.ip().to_string().into_bytes().into(),
+        None if key == "uri" => req
+            .uri()
+            .path_and_query()
+            .map(|pq| pq.as_str())
+            .unwrap_or("/")
+            .as_bytes()
+            .to_vec()
+            .into(),
+        _ => return None,
+    };
+    Some(crate::balance::hash64(&value))
 }
 
 /// Refuses requests whose framing could be read two ways (request smuggling).
@@ -325,10 +445,12 @@ fn no_server(upstream: &UpstreamRuntime) -> Response<ProxyBody> {
 }
 
 async fn send(
-    worker: &Worker,
+    ctx: &mut Ctx<'_>,
     req: Request<Incoming>,
     upstream: &Arc<UpstreamRuntime>,
+    hash: Option<u64>,
 ) -> Response<ProxyBody> {
+    let worker = ctx.worker;
     let spec = &upstream.spec;
     let (parts, body) = req.into_parts();
     let replayable = is_idempotent(&parts.method) && body.is_end_stream();
@@ -347,23 +469,28 @@ async fn send(
     let mut last_failure: Option<(usize, Failure)> = None;
 
     while tried.len < max_attempts {
-        // 3. select_server
-        let Some(index) = upstream.select(tried.as_slice()) else {
+        // 3. select
+        let Some(index) = upstream.select(&Pick {
+            tried: tried.as_slice(),
+            hash,
+        }) else {
             break;
         };
         let server = &upstream.servers[index];
         let Some(req) = pending.take() else { break };
+        if tried.len > 0 {
+            worker.counters.retries.fetch_add(1, Ordering::Relaxed);
+        }
 
         // 5. send
+        let sent_at = Instant::now();
         let (mut sender, reused) = match worker.pool.checkout(&server.key).await {
             Some(s) => (s, true),
             None => match pool::connect(&server.target, spec.connect_timeout, false).await {
                 Ok(s) => (s, false),
                 Err(e) => {
                     // Nothing was sent: any method may go to the next server.
-                    server
-                        .stats
-                        .record_failure(spec.max_fails, spec.fail_timeout.as_millis() as u64);
+                    upstream.record_failure(index);
                     tried.push(index);
                     pending = Some(req);
                     last_failure = Some((index, Failure::Connect(e.to_string())));
@@ -375,16 +502,27 @@ async fn send(
         let result = tokio::time::timeout(spec.read_timeout, sender.try_send_request(req)).await;
         match result {
             Ok(Ok(resp)) => {
-                server.stats.record_success();
+                let status = resp.status().as_u16();
+                let elapsed = sent_at.elapsed();
+                server
+                    .stats
+                    .record_response(&ctx.route, status, elapsed.as_micros() as u64);
+                if status >= 500 {
+                    upstream.record_outlier_failure(index);
+                } else {
+                    server.stats.record_success();
+                }
                 // 6. response
+                let max_idle = spec.keepalive as usize;
                 return response(
-                    worker,
+                    ctx,
                     resp,
                     server,
                     sender,
                     in_flight,
-                    spec.keepalive as usize,
+                    max_idle,
                     spec.read_timeout,
+                    elapsed,
                 );
             }
             Ok(Err(mut err)) => {
@@ -396,16 +534,12 @@ async fn send(
                         stale += 1;
                         continue;
                     }
-                    server
-                        .stats
-                        .record_failure(spec.max_fails, spec.fail_timeout.as_millis() as u64);
+                    upstream.record_failure(index);
                     tried.push(index);
                     last_failure = Some((index, Failure::Upstream(err.error().to_string())));
                     continue;
                 }
-                server
-                    .stats
-                    .record_failure(spec.max_fails, spec.fail_timeout.as_millis() as u64);
+                upstream.record_failure(index);
                 tried.push(index);
                 last_failure = Some((index, Failure::Upstream(err.error().to_string())));
                 // Sent: only an idempotent request with no body may go again, since
@@ -416,52 +550,80 @@ async fn send(
                 }
             }
             Err(_) => {
-                server
-                    .stats
-                    .record_failure(spec.max_fails, spec.fail_timeout.as_millis() as u64);
+                upstream.record_failure(index);
                 last_failure = Some((index, Failure::Timeout));
                 break;
             }
         }
     }
-    match last_failure {
+    let resp = match last_failure {
         Some((index, failure)) => {
+            if let Some(e) = ctx.log.as_mut() {
+                e.upstream_addr = Some(upstream.servers[index].key.clone());
+            }
             failure_response(upstream, &upstream.servers[index].spec.address, failure)
         }
-        None => no_server(upstream),
-    }
+        None => {
+            worker.counters.no_server.fetch_add(1, Ordering::Relaxed);
+            no_server(upstream)
+        }
+    };
+    ctx.finish(resp)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn response(
-    worker: &Worker,
+    ctx: &mut Ctx<'_>,
     resp: Response<Incoming>,
     server: &ServerRuntime,
     sender: Sender,
     in_flight: InFlight,
     max_idle: usize,
     read_timeout: Duration,
+    upstream_time: Duration,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     let release = Release {
-        pool: worker.pool.clone(),
+        pool: ctx.worker.pool.clone(),
         key: server.key.clone(),
         sender,
         max_idle,
     };
+    let log = pending_log(ctx, server, parts.status.as_u16(), upstream_time);
     let body = UpstreamBody::new(
         body,
         Some(release),
         in_flight,
         server.stats.clone(),
         read_timeout,
+        log,
     );
     Response::from_parts(parts, ProxyBody::Upstream(body))
+}
+
+fn pending_log(
+    ctx: &mut Ctx<'_>,
+    server: &ServerRuntime,
+    status: u16,
+    upstream_time: Duration,
+) -> Option<Box<PendingLog>> {
+    let log = ctx.worker.access_log.clone()?;
+    let mut entry = ctx.log.take()?;
+    entry.status = status;
+    entry.upstream_addr = Some(server.key.clone());
+    entry.upstream_time = Some(upstream_time);
+    Some(Box::new(PendingLog {
+        log,
+        entry,
+        start: ctx.start,
+    }))
 }
 
 /// WebSocket (or any HTTP/1.1 upgrade): a dedicated upstream connection; the client's
 /// connection is switched only once the upstream answered 101.
 async fn proxy_upgrade(
+    ctx: &mut Ctx<'_>,
     mut req: Request<Incoming>,
     upstream: &Arc<UpstreamRuntime>,
 ) -> Response<ProxyBody> {
@@ -476,17 +638,19 @@ async fn proxy_upgrade(
     let (parts, body) = req.into_parts();
     let mut pending = Some(Request::from_parts(parts, UpBody::Client(body)));
     while tried.len < max_attempts {
-        let Some(index) = upstream.select(tried.as_slice()) else {
+        let Some(index) = upstream.select(&Pick {
+            tried: tried.as_slice(),
+            hash: None,
+        }) else {
             break;
         };
         let server = &upstream.servers[index];
         let Some(req) = pending.take() else { break };
+        let sent_at = Instant::now();
         let mut sender = match pool::connect(&server.target, spec.connect_timeout, true).await {
             Ok(s) => s,
             Err(e) => {
-                server
-                    .stats
-                    .record_failure(spec.max_fails, spec.fail_timeout.as_millis() as u64);
+                upstream.record_failure(index);
                 tried.push(index);
                 pending = Some(req);
                 last_failure = Some((index, Failure::Connect(e.to_string())));
@@ -498,21 +662,24 @@ async fn proxy_upgrade(
         {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
-                server
-                    .stats
-                    .record_failure(spec.max_fails, spec.fail_timeout.as_millis() as u64);
+                upstream.record_failure(index);
                 last_failure = Some((index, Failure::Upstream(e.to_string())));
                 break;
             }
             Err(_) => {
-                server
-                    .stats
-                    .record_failure(spec.max_fails, spec.fail_timeout.as_millis() as u64);
+                upstream.record_failure(index);
                 last_failure = Some((index, Failure::Timeout));
                 break;
             }
         };
+        let elapsed = sent_at.elapsed();
+        server.stats.record_response(
+            &ctx.route,
+            resp.status().as_u16(),
+            elapsed.as_micros() as u64,
+        );
         server.stats.record_success();
+        let log = pending_log(ctx, server, resp.status().as_u16(), elapsed);
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             // No switch: an ordinary response, and the client connection stays HTTP.
             let (mut parts, body) = resp.into_parts();
@@ -523,6 +690,7 @@ async fn proxy_upgrade(
                 in_flight,
                 server.stats.clone(),
                 spec.read_timeout,
+                log,
             );
             return Response::from_parts(parts, ProxyBody::Upstream(body));
         }
@@ -535,21 +703,37 @@ async fn proxy_upgrade(
         let name = spec.name.clone();
         tokio::spawn(async move {
             let _in_flight = in_flight;
+            let mut sent = 0;
             match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok((client_io, upstream_io)) => {
                     let mut client_io = TokioIo::new(client_io);
                     let mut upstream_io = TokioIo::new(upstream_io);
-                    let _ = tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io).await;
+                    if let Ok((_, down)) =
+                        tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io).await
+                    {
+                        sent = down;
+                    }
                 }
                 Err(e) => tracing::debug!(upstream = %name, error = %e, "upgrade failed"),
+            }
+            // The tunnel is logged when it closes.
+            if let Some(log) = log {
+                log.emit(sent);
             }
         });
         return Response::from_parts(parts, ProxyBody::empty());
     }
-    match last_failure {
+    let resp = match last_failure {
         Some((index, failure)) => {
             failure_response(upstream, &upstream.servers[index].spec.address, failure)
         }
-        None => no_server(upstream),
-    }
+        None => {
+            ctx.worker
+                .counters
+                .no_server
+                .fetch_add(1, Ordering::Relaxed);
+            no_server(upstream)
+        }
+    };
+    ctx.finish(resp)
 }

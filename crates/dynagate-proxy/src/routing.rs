@@ -5,39 +5,52 @@ use dynagate_model::Route;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// A route as the data plane holds it, with shared strings for metrics and logs.
+#[derive(Debug)]
+pub struct RouteEntry {
+    pub route: Arc<Route>,
+    pub id: Arc<str>,
+    pub upstream: Arc<str>,
+}
+
+impl std::ops::Deref for RouteEntry {
+    type Target = Route;
+    fn deref(&self) -> &Route {
+        &self.route
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    exact: HashMap<String, Vec<Arc<Route>>>,
+    exact: HashMap<String, Vec<Arc<RouteEntry>>>,
     /// Keyed by the suffix after `*.` (`example.com` for `*.example.com`).
-    wildcard: HashMap<String, Vec<Arc<Route>>>,
-    any: Vec<Arc<Route>>,
+    wildcard: HashMap<String, Vec<Arc<RouteEntry>>>,
+    any: Vec<Arc<RouteEntry>>,
 }
 
 impl RouteTable {
     pub fn build<'a>(routes: impl IntoIterator<Item = &'a Arc<Route>>) -> Self {
         let mut table = RouteTable::default();
         for route in routes {
+            let entry = Arc::new(RouteEntry {
+                route: route.clone(),
+                id: Arc::from(route.id.as_str()),
+                upstream: Arc::from(route.upstream.as_str()),
+            });
             if route.hosts.is_empty() {
-                table.any.push(route.clone());
+                table.any.push(entry.clone());
             }
             for host in &route.hosts {
-                match host.strip_prefix("*.") {
-                    Some(suffix) => table
-                        .wildcard
-                        .entry(suffix.to_string())
-                        .or_default()
-                        .push(route.clone()),
-                    None => table
-                        .exact
-                        .entry(host.clone())
-                        .or_default()
-                        .push(route.clone()),
-                }
+                let list = match host.strip_prefix("*.") {
+                    Some(suffix) => table.wildcard.entry(suffix.to_string()).or_default(),
+                    None => table.exact.entry(host.clone()).or_default(),
+                };
+                list.push(entry.clone());
             }
         }
         // Longest prefix first; among equals, routes with a method list before catch-alls,
         // then by id so the order never depends on insertion.
-        let order = |list: &mut Vec<Arc<Route>>| {
+        let order = |list: &mut Vec<Arc<RouteEntry>>| {
             list.sort_by(|a, b| {
                 b.path_prefix
                     .len()
@@ -53,7 +66,7 @@ impl RouteTable {
     }
 
     /// `host` must be lower case without port.
-    pub fn find(&self, host: &str, path: &str, method: &str) -> Option<&Arc<Route>> {
+    pub fn find(&self, host: &str, path: &str, method: &str) -> Option<&Arc<RouteEntry>> {
         if let Some(r) = self.exact.get(host).and_then(|l| pick(l, path, method)) {
             return Some(r);
         }
@@ -85,7 +98,7 @@ impl RouteTable {
     }
 }
 
-fn pick<'a>(list: &'a [Arc<Route>], path: &str, method: &str) -> Option<&'a Arc<Route>> {
+fn pick<'a>(list: &'a [Arc<RouteEntry>], path: &str, method: &str) -> Option<&'a Arc<RouteEntry>> {
     list.iter().find(|r| {
         path.starts_with(r.path_prefix.as_str())
             && (r.methods.is_empty() || r.methods.iter().any(|m| m == method))
@@ -129,8 +142,11 @@ mod tests {
             r("exact-post", &["shop.example.com"], "/cart", &["POST"]),
         ];
         let t = RouteTable::build(routes.iter());
-        let id =
-            |h: &str, p: &str, m: &str| t.find(h, p, m).map(|r| r.id.clone()).unwrap_or_default();
+        let id = |h: &str, p: &str, m: &str| {
+            t.find(h, p, m)
+                .map(|r| r.id.to_string())
+                .unwrap_or_default()
+        };
         assert_eq!(id("shop.example.com", "/x", "GET"), "exact");
         assert_eq!(id("shop.example.com", "/cart", "POST"), "exact-post");
         assert_eq!(id("shop.example.com", "/cart", "GET"), "exact");

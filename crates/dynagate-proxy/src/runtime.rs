@@ -1,105 +1,18 @@
-//! What the data plane reads per request: an immutable `Snapshot` of routes and upstreams,
-//! plus live per-server counters (`ServerStats`) that outlive snapshots, so in-flight
-//! counts, passive health and balancer positions survive unrelated changes.
+//! What the data plane reads per request: an immutable `Snapshot` of routes and
+//! upstreams. Each `UpstreamRuntime` holds its servers with their live `ServerStats`
+//! records, which outlive snapshots (see stats.rs).
 
+use crate::balance::{self, Ketama, Maglev};
 use crate::routing::RouteTable;
-use dynagate_model::{Server, ServerState, Upstream};
+pub use crate::stats::{mono_ms, unix_ms, Health, InFlight, ServerStats};
+use dynagate_model::{Balance, HashMethod, RegistryStatus, Server, ServerState, Upstream};
 use parking_lot::Mutex;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-/// Milliseconds on a monotonic clock private to this process (never 0).
-pub fn mono_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    let start = *START.get_or_init(Instant::now);
-    start.elapsed().as_millis() as u64 + 1
-}
-
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Live counters of one server of one upstream.
-#[derive(Debug, Default)]
-pub struct ServerStats {
-    pub in_flight: AtomicU64,
-    pub requests: AtomicU64,
-    pub failures: AtomicU64,
-    /// Failures counted in the current passive-health window.
-    window_fails: AtomicU32,
-    window_start_ms: AtomicU64,
-    /// Passive health skips the server until this monotonic time.
-    skip_until_ms: AtomicU64,
-    /// Wall-clock time of the last admin or passive-health state change.
-    pub last_state_change_ms: AtomicU64,
-}
-
-impl ServerStats {
-    pub fn new_now() -> Self {
-        let s = ServerStats::default();
-        s.last_state_change_ms.store(unix_ms(), Ordering::Relaxed);
-        s
-    }
-
-    pub fn passive_skipped(&self, now_ms: u64) -> bool {
-        self.skip_until_ms.load(Ordering::Relaxed) > now_ms
-    }
-
-    /// Counts a failed attempt; `max_fails` of them within `fail_timeout` skip the server
-    /// for `fail_timeout`, as nginx does.
-    pub fn record_failure(&self, max_fails: u32, fail_timeout_ms: u64) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
-        if max_fails == 0 {
-            return;
-        }
-        let now = mono_ms();
-        let start = self.window_start_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(start) > fail_timeout_ms {
-            self.window_start_ms.store(now, Ordering::Relaxed);
-            self.window_fails.store(0, Ordering::Relaxed);
-        }
-        let fails = self.window_fails.fetch_add(1, Ordering::Relaxed) + 1;
-        if fails >= max_fails {
-            self.window_fails.store(0, Ordering::Relaxed);
-            self.skip_until_ms
-                .store(now + fail_timeout_ms, Ordering::Relaxed);
-            self.last_state_change_ms
-                .store(unix_ms(), Ordering::Relaxed);
-        }
-    }
-
-    pub fn record_success(&self) {
-        if self.window_fails.load(Ordering::Relaxed) != 0 {
-            self.window_fails.store(0, Ordering::Relaxed);
-        }
-    }
-}
-
-/// Counts a request as in flight on a server until dropped.
-#[derive(Debug)]
-pub struct InFlight(Arc<ServerStats>);
-
-impl InFlight {
-    pub fn start(stats: &Arc<ServerStats>) -> Self {
-        stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        stats.requests.fetch_add(1, Ordering::Relaxed);
-        InFlight(stats.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Where to connect: a literal socket address resolved once, or a DNS name resolved at
-/// connect time.
+/// Where to connect: a literal socket address, or a DNS name resolved at connect time.
 #[derive(Debug, Clone)]
 pub enum Target {
     Addr(SocketAddr),
@@ -113,12 +26,60 @@ pub struct ServerRuntime {
     pub key: Arc<str>,
     pub target: Target,
     pub stats: Arc<ServerStats>,
+    /// On this host or in this gateway's zone (for `local_first`).
+    pub local: bool,
+    /// The service registry lets it take traffic (always true for admin-managed servers).
+    pub registry_ok: bool,
 }
 
-impl ServerRuntime {
-    fn takes_new_requests(&self, now_ms: u64) -> bool {
-        self.spec.state == ServerState::Up && !self.stats.passive_skipped(now_ms)
+/// This gateway's zone, set once at start (for `local_first`).
+static ZONE: OnceLock<Option<String>> = OnceLock::new();
+
+pub fn set_zone(zone: Option<String>) {
+    let _ = ZONE.set(zone);
+}
+
+/// Whether `ip` belongs to this host: binding to it succeeds only if it does.
+fn ip_is_local(ip: IpAddr) -> bool {
+    static CACHE: OnceLock<Mutex<HashMap<IpAddr, bool>>> = OnceLock::new();
+    if ip.is_loopback() {
+        return true;
     }
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(v) = cache.lock().get(&ip) {
+        return *v;
+    }
+    let local = std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok();
+    cache.lock().insert(ip, local);
+    local
+}
+
+/// Local: in this gateway's zone when both have one (an explicit zone decides), else an
+/// address of this host.
+fn is_local(server: &Server, target: &Target) -> bool {
+    if let (Some(Some(mine)), Some(theirs)) = (ZONE.get(), &server.zone) {
+        return mine == theirs;
+    }
+    match target {
+        Target::Addr(a) => ip_is_local(a.ip()),
+        Target::Name(n) => n.starts_with("localhost:"),
+    }
+}
+
+#[derive(Debug)]
+enum Ring {
+    None,
+    Ketama(Ketama),
+    Maglev(Maglev),
+}
+
+/// What the balancer needs to know about the request being placed.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Pick<'a> {
+    /// Servers already tried by this request.
+    pub tried: &'a [usize],
+    /// The request key's hash, for `consistent_hash`.
+    pub hash: Option<u64>,
 }
 
 /// An upstream as the data plane uses it.
@@ -128,15 +89,18 @@ pub struct UpstreamRuntime {
     pub servers: Vec<ServerRuntime>,
     /// Smooth weighted round robin: the current weight of each server.
     rr_current: Mutex<Vec<i64>>,
+    /// Rotates tie-breaks of `least_conn`.
+    rotation: AtomicUsize,
+    ring: Ring,
 }
 
 impl UpstreamRuntime {
-    /// Builds the runtime form of `spec`, reusing live stats and balancer positions of
-    /// servers that `previous` already had.
+    /// Builds the runtime form of `spec`, taking over the live records and balancer
+    /// positions of the servers `previous` already had.
     pub fn build(spec: Arc<Upstream>, previous: Option<&UpstreamRuntime>) -> UpstreamRuntime {
         let prev_rr = previous.map(|p| p.rr_current.lock().clone());
         // Index of each previous server by address: large upstreams stay O(n).
-        let prev_index: std::collections::HashMap<&str, usize> = previous
+        let prev_index: HashMap<&str, usize> = previous
             .map(|p| {
                 p.servers
                     .iter()
@@ -158,6 +122,11 @@ impl UpstreamRuntime {
                             prev.stats
                                 .last_state_change_ms
                                 .store(unix_ms(), Ordering::Relaxed);
+                            if s.state == ServerState::Up {
+                                prev.stats
+                                    .available_since_ms
+                                    .store(mono_ms(), Ordering::Relaxed);
+                            }
                         }
                         prev.stats.clone()
                     }
@@ -171,49 +140,258 @@ impl UpstreamRuntime {
                     Ok(addr) => Target::Addr(addr),
                     Err(_) => Target::Name(Arc::from(s.address.as_str())),
                 };
+                let local = spec.balance == Balance::LocalFirst && is_local(s, &target);
+                let registry_ok = match s.registry {
+                    None | Some(RegistryStatus::Passing) => true,
+                    Some(RegistryStatus::Warning) => spec.registry_include_warning,
+                    Some(_) => false,
+                };
                 ServerRuntime {
                     spec: s.clone(),
                     key: Arc::from(s.address.as_str()),
                     target,
                     stats,
+                    local,
+                    registry_ok,
                 }
             })
             .collect();
+        let ring = if spec.balance == Balance::ConsistentHash {
+            let members: Vec<(&str, u32)> = spec
+                .servers
+                .iter()
+                .map(|s| (s.address.as_str(), s.weight))
+                .collect();
+            match spec.hash_method {
+                HashMethod::Ketama => Ring::Ketama(Ketama::build(&members)),
+                HashMethod::Maglev => Ring::Maglev(Maglev::build(&members)),
+            }
+        } else {
+            Ring::None
+        };
         UpstreamRuntime {
             spec,
             servers,
             rr_current: Mutex::new(rr),
+            rotation: AtomicUsize::new(0),
+            ring,
         }
     }
 
-    /// Picks the next server by smooth weighted round robin among servers that take new
-    /// requests, skipping `tried`. Backup servers are used only when no primary is.
-    pub fn select(&self, tried: &[usize]) -> Option<usize> {
+    /// Takes new requests: admin state `up`, the registry's verdict (registry-fed), not
+    /// unhealthy, not skipped, not ejected.
+    pub fn available(&self, i: usize, now: u64) -> bool {
+        let s = &self.servers[i];
+        s.spec.state == ServerState::Up && s.registry_ok && s.stats.healthy(now)
+    }
+
+    /// Weight after slow start, in hundredths so a ramp is smooth.
+    fn effective_weight(&self, i: usize, now: u64) -> u64 {
+        let full = self.servers[i].spec.weight as u64 * 100;
+        let ramp = self.spec.slow_start.as_millis() as u64;
+        if ramp == 0 {
+            return full;
+        }
+        let since = self.servers[i]
+            .stats
+            .available_since_ms
+            .load(Ordering::Relaxed);
+        let elapsed = now.saturating_sub(since);
+        if elapsed >= ramp {
+            full
+        } else {
+            (full * elapsed / ramp).max(1)
+        }
+    }
+
+    /// The current effective weight (for status pages), in the configured unit.
+    pub fn current_weight(&self, i: usize) -> f64 {
+        self.effective_weight(i, mono_ms()) as f64 / 100.0
+    }
+
+    /// Picks a server for a request, or `None` when no server takes new requests.
+    /// Backup servers are used only when no primary is available.
+    pub fn select(&self, pick: &Pick) -> Option<usize> {
         let now = mono_ms();
-        let mut current = self.rr_current.lock();
-        for backup in [false, true] {
-            let mut total: i64 = 0;
-            let mut best: Option<usize> = None;
-            for (i, server) in self.servers.iter().enumerate() {
-                if server.spec.backup != backup
-                    || tried.contains(&i)
-                    || !server.takes_new_requests(now)
-                {
-                    continue;
-                }
-                let weight = server.spec.weight as i64;
-                current[i] += weight;
-                total += weight;
-                if best.is_none_or(|b| current[i] > current[b]) {
-                    best = Some(i);
-                }
+        let usable = |i: usize| !pick.tried.contains(&i) && self.available(i, now);
+        if self.spec.balance == Balance::LocalFirst {
+            let saturation = self.spec.local_saturation as u64;
+            let local_ok = |i: usize| {
+                let s = &self.servers[i];
+                s.local
+                    && !s.spec.backup
+                    && s.stats.in_flight.load(Ordering::Relaxed) < saturation
+                    && usable(i)
+            };
+            if let Some(i) = self.swrr(now, local_ok) {
+                return Some(i);
             }
-            if let Some(b) = best {
-                current[b] -= total;
-                return Some(b);
+            return self
+                .swrr(now, |i| !self.servers[i].spec.backup && usable(i))
+                .or_else(|| self.swrr(now, |i| self.servers[i].spec.backup && usable(i)));
+        }
+        for backup in [false, true] {
+            let ok = |i: usize| self.servers[i].spec.backup == backup && usable(i);
+            let found = match self.spec.balance {
+                Balance::RoundRobin | Balance::LocalFirst => self.swrr(now, ok),
+                Balance::LeastConn => self.least_conn(now, ok),
+                Balance::Random => self.weighted_random(now, ok),
+                Balance::P2cEwma => self.p2c_ewma(now, ok),
+                Balance::ConsistentHash => match pick.hash {
+                    Some(h) => self.by_hash(h, ok),
+                    None => self.swrr(now, ok),
+                },
+            };
+            if found.is_some() {
+                return found;
             }
         }
         None
+    }
+
+    fn swrr(&self, now: u64, ok: impl Fn(usize) -> bool) -> Option<usize> {
+        let mut current = self.rr_current.lock();
+        let mut total: i64 = 0;
+        let mut best: Option<usize> = None;
+        for i in 0..self.servers.len() {
+            if !ok(i) {
+                continue;
+            }
+            let weight = self.effective_weight(i, now) as i64;
+            current[i] += weight;
+            total += weight;
+            if best.is_none_or(|b| current[i] > current[b]) {
+                best = Some(i);
+            }
+        }
+        let b = best?;
+        current[b] -= total;
+        Some(b)
+    }
+
+    fn least_conn(&self, now: u64, ok: impl Fn(usize) -> bool) -> Option<usize> {
+        let n = self.servers.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
+        let mut best: Option<(usize, u64, u64)> = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if !ok(i) {
+                continue;
+            }
+            let load = self.servers[i].stats.in_flight.load(Ordering::Relaxed) + 1;
+            let weight = self.effective_weight(i, now);
+            // load/weight < best_load/best_weight, without division.
+            if best.is_none_or(|(_, bl, bw)| {
+                (load as u128) * (bw as u128) < (bl as u128) * (weight as u128)
+            }) {
+                best = Some((i, load, weight));
+            }
+        }
+        best.map(|(i, _, _)| i)
+    }
+
+    fn weighted_random(&self, now: u64, ok: impl Fn(usize) -> bool) -> Option<usize> {
+        let total: u64 = (0..self.servers.len())
+            .filter(|i| ok(*i))
+            .map(|i| self.effective_weight(i, now))
+            .sum();
+        if total == 0 {
+            return None;
+        }
+        let mut r = balance::random_u64() % total;
+        for i in 0..self.servers.len() {
+            if !ok(i) {
+                continue;
+            }
+            let w = self.effective_weight(i, now);
+            if r < w {
+                return Some(i);
+            }
+            r -= w;
+        }
+        None
+    }
+
+    /// Two weighted-random candidates; the one with the lower peak-EWMA latency ×
+    /// (in-flight + 1) per weight wins.
+    fn p2c_ewma(&self, now: u64, ok: impl Fn(usize) -> bool + Copy) -> Option<usize> {
+        let a = self.weighted_random(now, ok)?;
+        let b = match self.weighted_random(now, |i| i != a && ok(i)) {
+            Some(b) => b,
+            None => return Some(a),
+        };
+        let cost = |i: usize| {
+            let s = &self.servers[i].stats;
+            s.ewma_us() * (s.in_flight.load(Ordering::Relaxed) + 1) as f64
+                / self.effective_weight(i, now) as f64
+        };
+        Some(if cost(b) < cost(a) { b } else { a })
+    }
+
+    fn by_hash(&self, hash: u64, ok: impl Fn(usize) -> bool) -> Option<usize> {
+        match &self.ring {
+            Ring::Ketama(ring) => ring.walk(hash).find(|i| ok(*i)),
+            Ring::Maglev(table) => {
+                // The key's own slot, then deterministic re-hashes, then a scan: a key
+                // whose server is unavailable always lands on the same other server.
+                let mut h = hash;
+                for _ in 0..16 {
+                    let i = table.lookup(h)?;
+                    if ok(i) {
+                        return Some(i);
+                    }
+                    h = balance::mix(h.wrapping_add(0x9e3779b97f4a7c15));
+                }
+                let n = self.servers.len();
+                (0..n).map(|k| (hash as usize + k) % n).find(|i| ok(*i))
+            }
+            Ring::None => None,
+        }
+    }
+
+    /// A failed attempt on server `i` (connect error, timeout, 5xx): feeds nginx-style
+    /// passive health and outlier detection. Protected mode never ejects the last
+    /// available server, and at most `max_ejection_percent` are ejected at once.
+    pub fn record_failure(&self, i: usize) {
+        let spec = &self.spec;
+        let stats = &self.servers[i].stats;
+        stats.record_failure(spec.max_fails, spec.fail_timeout.as_millis() as u64);
+        self.record_outlier_failure(i);
+    }
+
+    /// A 5xx answer: not a broken attempt, but an outlier signal.
+    pub fn record_outlier_failure(&self, i: usize) {
+        let o = &self.spec.outlier;
+        if o.consecutive_failures == 0 {
+            return;
+        }
+        let stats = &self.servers[i].stats;
+        if stats.outlier_failure() < o.consecutive_failures {
+            return;
+        }
+        let now = mono_ms();
+        if stats.ejected(now) {
+            return;
+        }
+        let n = self.servers.len();
+        let ejected = (0..n)
+            .filter(|j| self.servers[*j].stats.ejected(now))
+            .count();
+        let cap = (n * o.max_ejection_percent as usize / 100).max(1);
+        if ejected >= cap {
+            return;
+        }
+        if o.protected && !(0..n).any(|j| j != i && self.available(j, now)) {
+            return;
+        }
+        stats.eject(
+            o.base_ejection_time.as_millis() as u64,
+            o.max_ejection_time.as_millis() as u64,
+        );
+        tracing::warn!(upstream = %self.spec.name, server = %self.servers[i].spec.address, "outlier ejected");
     }
 }
 
@@ -228,40 +406,216 @@ pub struct Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    fn upstream(balance: Balance, weights: &[u32]) -> UpstreamRuntime {
+        let servers = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| Server {
+                weight: *w,
+                ..Server::new(format!("127.0.0.{}:80", i + 1))
+            })
+            .collect();
+        let mut spec = Upstream::new("u", servers);
+        spec.balance = balance;
+        if balance == Balance::ConsistentHash {
+            spec.hash_key = Some("uri".into());
+        }
+        UpstreamRuntime::build(Arc::new(spec), None)
+    }
+
+    fn spread(up: &UpstreamRuntime, n: usize) -> Vec<usize> {
+        let mut counts = vec![0; up.servers.len()];
+        for _ in 0..n {
+            counts[up.select(&Pick::default()).unwrap()] += 1;
+        }
+        counts
+    }
 
     #[test]
     fn smooth_weighted_round_robin_like_nginx() {
-        let mut servers = vec![
-            Server::new("127.0.0.1:1"),
-            Server::new("127.0.0.1:2"),
-            Server::new("127.0.0.1:3"),
-        ];
-        servers[0].weight = 5;
-        let up = UpstreamRuntime::build(Arc::new(Upstream::new("u", servers)), None);
-        let picks: Vec<usize> = (0..7).map(|_| up.select(&[]).unwrap()).collect();
+        let up = upstream(Balance::RoundRobin, &[5, 1, 1]);
+        let picks: Vec<usize> = (0..7)
+            .map(|_| up.select(&Pick::default()).unwrap())
+            .collect();
         // nginx's documented sequence for weights 5,1,1: a a b a c a a
         assert_eq!(picks, vec![0, 0, 1, 0, 2, 0, 0]);
     }
 
     #[test]
-    fn drained_and_backup() {
-        let mut servers = vec![Server::new("127.0.0.1:1"), Server::new("127.0.0.1:2")];
-        servers[1].backup = true;
-        let up = UpstreamRuntime::build(Arc::new(Upstream::new("u", servers.clone())), None);
-        assert_eq!(up.select(&[]), Some(0));
-        assert_eq!(up.select(&[0]), Some(1));
-        servers[0].state = ServerState::Drain;
-        let up2 = UpstreamRuntime::build(Arc::new(Upstream::new("u", servers)), Some(&up));
-        assert_eq!(up2.select(&[]), Some(1));
-        assert!(Arc::ptr_eq(&up.servers[0].stats, &up2.servers[0].stats));
+    fn weighted_random_follows_weights() {
+        let c = spread(&upstream(Balance::Random, &[3, 1]), 20_000);
+        let share = c[0] as f64 / 20_000.0;
+        assert!((0.72..0.78).contains(&share), "{c:?}");
     }
 
     #[test]
-    fn passive_health_skips_after_max_fails() {
-        let s = ServerStats::default();
-        s.record_failure(2, 10_000);
-        assert!(!s.passive_skipped(mono_ms()));
-        s.record_failure(2, 10_000);
-        assert!(s.passive_skipped(mono_ms()));
+    fn least_conn_prefers_the_idle_server() {
+        let up = upstream(Balance::LeastConn, &[1, 1]);
+        let _busy = (0..3)
+            .map(|_| InFlight::start(&up.servers[0].stats))
+            .collect::<Vec<_>>();
+        assert_eq!(spread(&up, 10), vec![0, 10]);
+    }
+
+    #[test]
+    fn p2c_ewma_avoids_the_slow_server() {
+        let up = upstream(Balance::P2cEwma, &[1, 1]);
+        let route: Arc<str> = Arc::from("r");
+        up.servers[0].stats.record_response(&route, 200, 200_000);
+        up.servers[1].stats.record_response(&route, 200, 1_000);
+        let c = spread(&up, 1000);
+        assert!(c[1] > 950, "{c:?}");
+    }
+
+    #[test]
+    fn consistent_hash_is_sticky_and_fails_over() {
+        for method in [HashMethod::Ketama, HashMethod::Maglev] {
+            let mut spec = Upstream::new(
+                "u",
+                (1..=5)
+                    .map(|i| Server::new(format!("127.0.0.{i}:80")))
+                    .collect(),
+            );
+            spec.balance = Balance::ConsistentHash;
+            spec.hash_key = Some("uri".into());
+            spec.hash_method = method;
+            let up = UpstreamRuntime::build(Arc::new(spec.clone()), None);
+            let h = balance::hash64(b"/cart/42");
+            let first = up
+                .select(&Pick {
+                    tried: &[],
+                    hash: Some(h),
+                })
+                .unwrap();
+            for _ in 0..10 {
+                assert_eq!(
+                    up.select(&Pick {
+                        tried: &[],
+                        hash: Some(h)
+                    }),
+                    Some(first)
+                );
+            }
+            let other = up
+                .select(&Pick {
+                    tried: &[first],
+                    hash: Some(h),
+                })
+                .unwrap();
+            assert_ne!(other, first);
+            spec.servers[first].state = ServerState::Drain;
+            let drained = UpstreamRuntime::build(Arc::new(spec), Some(&up));
+            assert_eq!(
+                drained.select(&Pick {
+                    tried: &[],
+                    hash: Some(h)
+                }),
+                Some(other),
+                "{method:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn backup_only_without_primaries_and_state_survives_rebuild() {
+        let mut servers = vec![Server::new("127.0.0.1:1"), Server::new("127.0.0.1:2")];
+        servers[1].backup = true;
+        let up = UpstreamRuntime::build(Arc::new(Upstream::new("u", servers.clone())), None);
+        assert_eq!(up.select(&Pick::default()), Some(0));
+        assert_eq!(
+            up.select(&Pick {
+                tried: &[0],
+                hash: None
+            }),
+            Some(1)
+        );
+        up.servers[0].stats.set_health(Health::Unhealthy);
+        assert_eq!(up.select(&Pick::default()), Some(1));
+        servers[0].state = ServerState::Drain;
+        let up2 = UpstreamRuntime::build(Arc::new(Upstream::new("u", servers.clone())), Some(&up));
+        assert!(Arc::ptr_eq(&up.servers[0].stats, &up2.servers[0].stats));
+        // Health came back while drained: still drained, still not selected.
+        up2.servers[0].stats.set_health(Health::Healthy);
+        assert_eq!(up2.select(&Pick::default()), Some(1));
+        assert_eq!(up2.servers[0].spec.state, ServerState::Drain);
+    }
+
+    #[test]
+    fn outlier_ejection_protects_the_last_server_and_caps_the_share() {
+        let up = upstream(Balance::RoundRobin, &[1, 1, 1, 1]);
+        for i in 0..4 {
+            for _ in 0..5 {
+                up.record_outlier_failure(i);
+            }
+        }
+        let now = mono_ms();
+        let ejected = (0..4).filter(|i| up.servers[*i].stats.ejected(now)).count();
+        assert_eq!(ejected, 2, "max_ejection_percent 50 of 4");
+
+        let single = upstream(Balance::RoundRobin, &[1]);
+        for _ in 0..10 {
+            single.record_outlier_failure(0);
+        }
+        assert!(
+            !single.servers[0].stats.ejected(mono_ms()),
+            "protected mode"
+        );
+        assert_eq!(single.select(&Pick::default()), Some(0));
+    }
+
+    #[test]
+    fn slow_start_ramps_weight() {
+        let mut spec = Upstream::new(
+            "u",
+            vec![Server::new("127.0.0.1:1"), Server::new("127.0.0.1:2")],
+        );
+        spec.slow_start = Duration::from_secs(100);
+        let up = UpstreamRuntime::build(Arc::new(spec.clone()), None);
+        let now = mono_ms();
+        up.servers[1]
+            .stats
+            .available_since_ms
+            .store(now, Ordering::Relaxed);
+        assert_eq!(up.effective_weight(1, now + 100_000), 100);
+        assert_eq!(up.effective_weight(1, now + 50_000), 50);
+        assert_eq!(up.effective_weight(1, now), 1);
+
+        // A server long available against one that just came back.
+        spec.slow_start = Duration::from_millis(5);
+        let up = UpstreamRuntime::build(Arc::new(spec), None);
+        std::thread::sleep(Duration::from_millis(10));
+        up.servers[0]
+            .stats
+            .available_since_ms
+            .store(0, Ordering::Relaxed);
+        up.servers[1]
+            .stats
+            .available_since_ms
+            .store(u64::MAX / 2, Ordering::Relaxed);
+        let c = spread(&up, 1000);
+        assert!(c[1] < 30, "{c:?}");
+    }
+
+    #[test]
+    fn local_first_prefers_local_and_spills_over() {
+        let mut spec = Upstream::new(
+            "u",
+            vec![Server::new("192.0.2.10:80"), Server::new("127.0.0.1:80")],
+        );
+        spec.balance = Balance::LocalFirst;
+        spec.local_saturation = 2;
+        let up = UpstreamRuntime::build(Arc::new(spec), None);
+        assert!(!up.servers[0].local && up.servers[1].local);
+        assert_eq!(spread(&up, 10), vec![0, 10]);
+        let _busy = (0..2)
+            .map(|_| InFlight::start(&up.servers[1].stats))
+            .collect::<Vec<_>>();
+        assert_eq!(
+            up.select(&Pick::default()),
+            Some(0),
+            "saturated local spills over"
+        );
     }
 }

@@ -2,9 +2,10 @@
 //! tokio runtime, its own SO_REUSEPORT listener and its own upstream pool: no state is
 //! shared between workers on the request path except the published snapshot.
 
+use crate::access_log::AccessLog;
 use crate::body::ProxyBody;
 use crate::pool::Pool;
-use crate::proxy::{handle, Worker};
+use crate::proxy::{handle, GlobalCounters, Worker};
 use crate::runtime::Snapshot;
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
@@ -29,6 +30,9 @@ pub struct ProxyOptions {
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub h2_max_concurrent_streams: u32,
+    pub access_log: Option<Arc<AccessLog>>,
+    /// Shared with the metrics endpoint.
+    pub counters: Arc<GlobalCounters>,
 }
 
 impl Default for ProxyOptions {
@@ -40,6 +44,8 @@ impl Default for ProxyOptions {
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             h2_max_concurrent_streams: 128,
+            access_log: None,
+            counters: Arc::default(),
         }
     }
 }
@@ -82,6 +88,8 @@ pub fn start(
         let worker = Arc::new(Worker {
             snapshots: snapshots.clone(),
             pool: Arc::new(Pool::default()),
+            access_log: options.access_log.clone(),
+            counters: options.counters.clone(),
         });
         let options = options.clone();
         let stop_rx = stop_rx.clone();

@@ -220,7 +220,10 @@ mod tests {
         for (n, port) in [(1u64, 9001), (2, 9002), (3, 9003)] {
             let applied = config
                 .apply(Command::PutUpstream {
-                    upstream: Upstream::new("u", vec![Server::new(format!("127.0.0.1:{port}"))]),
+                    upstream: Box::new(Upstream::new(
+                        "u",
+                        vec![Server::new(format!("127.0.0.1:{port}"))],
+                    )),
                     force: false,
                 })
                 .unwrap();

@@ -1,0 +1,355 @@
+//! Live state of one server of one upstream — the one record where admin state (in the
+//! spec), active health, passive health, outlier ejection and counters meet. It outlives
+//! snapshots: a new `UpstreamRuntime` takes the record of every server it keeps, so no
+//! change ever loses another (a drained server stays drained when its health flips;
+//! health survives unrelated configuration changes).
+
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// Milliseconds on a monotonic clock private to this process (never 0).
+pub fn mono_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    start.elapsed().as_millis() as u64 + 1
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Upper bounds of the latency histogram buckets, in milliseconds (+Inf follows).
+pub const LATENCY_BOUNDS_MS: [f64; 14] = [
+    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Health {
+    /// No active check configured, or none finished yet: treated as healthy.
+    Unchecked = 0,
+    Healthy = 1,
+    Unhealthy = 2,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unchecked => "unchecked",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// The outcome of the last active check.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckResult {
+    pub time_ms: u64,
+    pub ok: bool,
+    pub message: String,
+}
+
+/// Responses by status class (1xx..5xx), for one route.
+pub type ClassCounts = [u64; 5];
+
+#[derive(Debug)]
+pub struct ServerStats {
+    pub in_flight: AtomicU64,
+    pub requests: AtomicU64,
+    /// Failed attempts: connect errors, timeouts, broken responses.
+    pub failures: AtomicU64,
+    /// Wall-clock time of the last change of admin state, health or ejection.
+    pub last_state_change_ms: AtomicU64,
+
+    // Passive health, nginx style: max_fails within fail_timeout skip the server.
+    window_fails: AtomicU32,
+    window_start_ms: AtomicU64,
+    skip_until_ms: AtomicU64,
+
+    // Outlier detection.
+    consecutive_failures: AtomicU32,
+    ejected_until_ms: AtomicU64,
+    pub ejections: AtomicU64,
+    last_ejection_ms: AtomicU64,
+
+    // Active health.
+    health: AtomicU8,
+    pub last_check: Mutex<Option<CheckResult>>,
+
+    /// Monotonic time since which the server is available (slow start ramps from it).
+    pub available_since_ms: AtomicU64,
+
+    /// Peak-EWMA of response-head latency in microseconds (f64 bits), and its time.
+    ewma_us: AtomicU64,
+    ewma_at_ms: AtomicU64,
+
+    pub latency_buckets: [AtomicU64; LATENCY_BOUNDS_MS.len() + 1],
+    pub latency_sum_us: AtomicU64,
+    /// Responses by route and status class. Few routes point at one server: a short
+    /// list beats a map.
+    pub by_route: Mutex<Vec<(Arc<str>, ClassCounts)>>,
+}
+
+impl Default for ServerStats {
+    fn default() -> Self {
+        ServerStats {
+            in_flight: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            last_state_change_ms: AtomicU64::new(unix_ms()),
+            window_fails: AtomicU32::new(0),
+            window_start_ms: AtomicU64::new(0),
+            skip_until_ms: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
+            last_ejection_ms: AtomicU64::new(0),
+            health: AtomicU8::new(Health::Unchecked as u8),
+            last_check: Mutex::new(None),
+            available_since_ms: AtomicU64::new(mono_ms()),
+            ewma_us: AtomicU64::new(DEFAULT_EWMA_US.to_bits()),
+            ewma_at_ms: AtomicU64::new(0),
+            latency_buckets: Default::default(),
+            latency_sum_us: AtomicU64::new(0),
+            by_route: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+/// A server never measured is assumed this slow, so one fresh server is not flooded.
+const DEFAULT_EWMA_US: f64 = 10_000.0;
+/// Decay time of the latency EWMA.
+const EWMA_TAU_MS: f64 = 10_000.0;
+
+impl ServerStats {
+    pub fn new_now() -> Self {
+        ServerStats::default()
+    }
+
+    fn mark_changed(&self) {
+        self.last_state_change_ms
+            .store(unix_ms(), Ordering::Relaxed);
+    }
+
+    pub fn health(&self) -> Health {
+        match self.health.load(Ordering::Relaxed) {
+            1 => Health::Healthy,
+            2 => Health::Unhealthy,
+            _ => Health::Unchecked,
+        }
+    }
+
+    /// Sets the active-health verdict; a server coming back starts its slow start.
+    pub fn set_health(&self, h: Health) {
+        let old = self.health.swap(h as u8, Ordering::Relaxed);
+        if old != h as u8 {
+            if old == Health::Unhealthy as u8 {
+                self.available_since_ms.store(mono_ms(), Ordering::Relaxed);
+            }
+            self.mark_changed();
+        }
+    }
+
+    pub fn passive_skipped(&self, now_ms: u64) -> bool {
+        self.skip_until_ms.load(Ordering::Relaxed) > now_ms
+    }
+
+    pub fn ejected(&self, now_ms: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
+    }
+
+    /// Takes new requests as far as health goes (admin state is checked by the caller).
+    pub fn healthy(&self, now_ms: u64) -> bool {
+        self.health.load(Ordering::Relaxed) != Health::Unhealthy as u8
+            && !self.passive_skipped(now_ms)
+            && !self.ejected(now_ms)
+    }
+
+    /// nginx semantics: `max_fails` failed attempts within `fail_timeout` skip the server
+    /// for `fail_timeout`.
+    pub fn record_failure(&self, max_fails: u32, fail_timeout_ms: u64) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        if max_fails == 0 {
+            return;
+        }
+        let now = mono_ms();
+        let start = self.window_start_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(start) > fail_timeout_ms {
+            self.window_start_ms.store(now, Ordering::Relaxed);
+            self.window_fails.store(0, Ordering::Relaxed);
+        }
+        let fails = self.window_fails.fetch_add(1, Ordering::Relaxed) + 1;
+        if fails >= max_fails {
+            self.window_fails.store(0, Ordering::Relaxed);
+            self.skip_until_ms
+                .store(now + fail_timeout_ms, Ordering::Relaxed);
+            self.available_since_ms
+                .store(now + fail_timeout_ms, Ordering::Relaxed);
+            self.mark_changed();
+        }
+    }
+
+    pub fn record_success(&self) {
+        if self.window_fails.load(Ordering::Relaxed) != 0 {
+            self.window_fails.store(0, Ordering::Relaxed);
+        }
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts one more consecutive failure for outlier detection and returns the count.
+    pub fn outlier_failure(&self) -> u32 {
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Ejects the server; the time grows with each ejection since it last stayed in
+    /// for `max_ms`, up to `max_ms`.
+    pub fn eject(&self, base_ms: u64, max_ms: u64) {
+        let now = mono_ms();
+        let last = self.last_ejection_ms.load(Ordering::Relaxed);
+        let streak = if last != 0 && now.saturating_sub(last) < max_ms.saturating_mul(2) {
+            self.ejections.load(Ordering::Relaxed) + 1
+        } else {
+            1
+        };
+        let time = base_ms.saturating_mul(streak).min(max_ms);
+        self.ejections.fetch_add(1, Ordering::Relaxed);
+        self.last_ejection_ms.store(now, Ordering::Relaxed);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.ejected_until_ms.store(now + time, Ordering::Relaxed);
+        self.available_since_ms.store(now + time, Ordering::Relaxed);
+        self.mark_changed();
+    }
+
+    /// Records one response: latency, status class by route, EWMA.
+    pub fn record_response(&self, route: &Arc<str>, status: u16, elapsed_us: u64) {
+        let class = ((status / 100).clamp(1, 5) - 1) as usize;
+        {
+            let mut by_route = self.by_route.lock();
+            match by_route
+                .iter_mut()
+                .find(|(r, _)| Arc::ptr_eq(r, route) || **r == **route)
+            {
+                Some((_, counts)) => counts[class] += 1,
+                None => {
+                    let mut counts = [0; 5];
+                    counts[class] = 1;
+                    by_route.push((route.clone(), counts));
+                }
+            }
+        }
+        let ms = elapsed_us as f64 / 1000.0;
+        let bucket = LATENCY_BOUNDS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .unwrap_or(LATENCY_BOUNDS_MS.len());
+        self.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add(elapsed_us, Ordering::Relaxed);
+        self.observe_latency(elapsed_us as f64);
+    }
+
+    /// Responses by status class over all routes.
+    pub fn class_totals(&self) -> ClassCounts {
+        let mut total = [0; 5];
+        for (_, counts) in self.by_route.lock().iter() {
+            for (t, c) in total.iter_mut().zip(counts) {
+                *t += c;
+            }
+        }
+        total
+    }
+
+    fn decay(&self, now: u64) -> f64 {
+        let at = self.ewma_at_ms.load(Ordering::Relaxed);
+        (-((now.saturating_sub(at)) as f64) / EWMA_TAU_MS).exp()
+    }
+
+    fn observe_latency(&self, rtt_us: f64) {
+        let now = mono_ms();
+        let prev = f64::from_bits(self.ewma_us.load(Ordering::Relaxed));
+        let next = if rtt_us > prev || self.ewma_at_ms.load(Ordering::Relaxed) == 0 {
+            rtt_us // peak: jump up at once
+        } else {
+            let w = self.decay(now);
+            prev * w + rtt_us * (1.0 - w)
+        };
+        self.ewma_us.store(next.to_bits(), Ordering::Relaxed);
+        self.ewma_at_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Peak-EWMA latency in microseconds, decayed toward zero since the last
+    /// observation, so a server that was slow once is tried again in time.
+    pub fn ewma_us(&self) -> f64 {
+        let v = f64::from_bits(self.ewma_us.load(Ordering::Relaxed));
+        if self.ewma_at_ms.load(Ordering::Relaxed) == 0 {
+            return v;
+        }
+        v * self.decay(mono_ms())
+    }
+}
+
+/// Counts a request as in flight on a server until dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<ServerStats>);
+
+impl InFlight {
+    pub fn start(stats: &Arc<ServerStats>) -> Self {
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        InFlight(stats.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passive_health_skips_after_max_fails() {
+        let s = ServerStats::default();
+        s.record_failure(2, 10_000);
+        assert!(!s.passive_skipped(mono_ms()));
+        s.record_failure(2, 10_000);
+        assert!(s.passive_skipped(mono_ms()));
+    }
+
+    #[test]
+    fn ejection_time_grows_and_is_capped() {
+        let s = ServerStats::default();
+        s.eject(1000, 2500);
+        let first = s.ejected_until_ms.load(Ordering::Relaxed) - mono_ms();
+        s.eject(1000, 2500);
+        let second = s.ejected_until_ms.load(Ordering::Relaxed) - mono_ms();
+        s.eject(1000, 2500);
+        let third = s.ejected_until_ms.load(Ordering::Relaxed) - mono_ms();
+        assert!(
+            first <= 1000 && second > 1000 && second <= 2000,
+            "{first} {second}"
+        );
+        assert!(third <= 2500 && third > 2000, "{third}");
+    }
+
+    #[test]
+    fn peak_ewma_jumps_up_and_decays() {
+        let s = ServerStats::default();
+        s.observe_latency(1000.0);
+        assert_eq!(s.ewma_us(), 1000.0);
+        s.observe_latency(50_000.0);
+        assert_eq!(s.ewma_us(), 50_000.0);
+        s.observe_latency(1000.0);
+        assert!(s.ewma_us() <= 50_000.0);
+    }
+}
