@@ -7,10 +7,14 @@ use crate::request::{decode_json, read_body};
 use crate::router::{parse_query, query_bool, query_u64, Endpoint};
 use dynagate_model::{Command, Route, Server, ServerPatch, Upstream};
 use dynagate_proxy::{Controller, Outcome};
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderMap, Method, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::Serialize;
 use std::sync::Arc;
+
+/// The `Content-Type` of `GET /metrics`: Prometheus text exposition format 0.0.4.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 
 /// Default and largest `limit` of `GET /v1/revisions`.
 pub const DEFAULT_REVISIONS: u64 = 100;
@@ -76,6 +80,13 @@ fn adopt_key(field: &str, in_body: &mut String, in_path: &str) -> Result<(), Api
 }
 
 #[derive(Serialize)]
+struct StatusView {
+    revision: u64,
+    version: &'static str,
+    uptime_s: u64,
+}
+
+#[derive(Serialize)]
 struct RevisionView {
     number: u64,
     time_ms: u64,
@@ -126,7 +137,14 @@ pub async fn handle(call: Call<'_>, endpoint: Endpoint) -> Result<Response<Body>
             let bytes = read_body(headers, body).await?;
             let mut upstream: Upstream = decode_json(&bytes)?;
             adopt_key("name", &mut upstream.name, &name)?;
-            let outcome = execute(controller, Command::PutUpstream { upstream, force }).await?;
+            let outcome = execute(
+                controller,
+                Command::PutUpstream {
+                    upstream: Box::new(upstream),
+                    force,
+                },
+            )
+            .await?;
             Ok(written(&outcome))
         }
         (Endpoint::Upstream(name), Method::DELETE) => {
@@ -233,6 +251,25 @@ pub async fn handle(call: Call<'_>, endpoint: Endpoint) -> Result<Response<Body>
             .await?;
             log_outcome(&outcome);
             Ok(written(&outcome))
+        }
+        (Endpoint::Status, Method::GET) => {
+            let status = blocking(controller, |c| {
+                Ok(StatusView {
+                    revision: c.revision(),
+                    version: env!("CARGO_PKG_VERSION"),
+                    uptime_s: c.uptime().as_secs(),
+                })
+            })
+            .await?;
+            Ok(json_response(StatusCode::OK, &status))
+        }
+        (Endpoint::Metrics, Method::GET) => {
+            let text = blocking(controller, |c| Ok(dynagate_proxy::metrics::render(c))).await?;
+            let mut resp = Response::new(Body::from(text));
+            let h = resp.headers_mut();
+            h.insert(CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
+            h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            Ok(resp)
         }
         (endpoint, method) => Err(ApiError::method_not_allowed(&method, endpoint.allowed())),
     }

@@ -1,10 +1,13 @@
-//! The admin API: a JSON API under `/v1` and the ngx_http_dyups_module interface
-//! (`/detail`, `/list`, `/upstream/{name}`), both behind one bearer token, and the
-//! client `dynagate ctl` uses. See docs/admin-api.md.
+//! The admin API: a JSON API under `/v1`, the ngx_http_dyups_module interface
+//! (`/detail`, `/list`, `/upstream/{name}`) and Prometheus `/metrics`, all behind one
+//! bearer token; the dashboard at `/ui/`; and the client `dynagate ctl` uses. See
+//! docs/admin-api.md and docs/dashboard.md.
 //!
-//! Every call is authenticated first (401 otherwise, whatever the path), then routed
-//! (404 unknown path, 405 with `Allow` for a wrong method), then handled. Writes go
-//! through `Controller::execute`: acknowledged only once durable.
+//! The dashboard's static files (and the redirect of `/` to `/ui/`) need no token: they
+//! hold no data. `/metrics` needs none either when `AdminOptions::metrics_open` is set.
+//! Every other call is authenticated first (401 otherwise, whatever the path), then
+//! routed (404 unknown path, 405 with `Allow` for a wrong method), then handled. Writes
+//! go through `Controller::execute`: acknowledged only once durable.
 
 mod auth;
 pub mod client;
@@ -13,6 +16,7 @@ mod errors;
 mod handlers;
 mod request;
 mod router;
+mod ui;
 
 pub use request::MAX_BODY;
 
@@ -41,22 +45,42 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// After shutdown, how long in-flight calls may still take.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+/// How the admin listener is set up.
+#[derive(Clone)]
+pub struct AdminOptions {
+    /// The bearer token every call needs (an empty token admits nobody).
+    pub token: String,
+    /// Serve `GET /metrics` without a token (for a scraper that cannot send one).
+    pub metrics_open: bool,
+}
+
+impl std::fmt::Debug for AdminOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminOptions")
+            .field("token", &"<redacted>")
+            .field("metrics_open", &self.metrics_open)
+            .finish()
+    }
+}
+
 struct Admin {
     controller: Arc<Controller>,
     token: Token,
+    metrics_open: bool,
 }
 
-/// Serves the admin API on `listener` until `shutdown` resolves, then stops accepting,
-/// lets in-flight calls finish (up to `SHUTDOWN_GRACE`) and returns.
+/// Serves the admin API and the dashboard on `listener` until `shutdown` resolves, then
+/// stops accepting, lets in-flight calls finish (up to `SHUTDOWN_GRACE`) and returns.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     controller: Arc<Controller>,
-    token: String,
+    options: AdminOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let admin = Arc::new(Admin {
         controller,
-        token: Token::new(token),
+        token: Token::new(options.token),
+        metrics_open: options.metrics_open,
     });
     let mut builder = http1::Builder::new();
     builder
@@ -109,7 +133,11 @@ pub async fn serve(
 
 async fn handle(admin: &Admin, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let (parts, body) = req.into_parts();
-    if !admin.token.admits(&parts.headers) {
+    if let Some(resp) = ui::public(&parts.method, parts.uri.path(), &parts.headers) {
+        return resp;
+    }
+    let open = admin.metrics_open && parts.uri.path() == "/metrics";
+    if !open && !admin.token.admits(&parts.headers) {
         tracing::debug!(%peer, method = %parts.method, path = parts.uri.path(), "admin: refused: bad token");
         return ApiError::unauthorized().into_response(Flavor::Json);
     }

@@ -22,6 +22,10 @@ pub enum Endpoint {
     Revisions,
     /// `/v1/revisions/{n}/rollback`
     Rollback(String),
+    /// `/v1/status`
+    Status,
+    /// `/metrics` (Prometheus text)
+    Metrics,
     /// dyups `/detail`
     DyupsDetail,
     /// dyups `/list`
@@ -40,7 +44,11 @@ const GET_POST_DELETE: &[Method] = &[Method::GET, Method::POST, Method::DELETE];
 impl Endpoint {
     pub fn allowed(&self) -> &'static [Method] {
         match self {
-            Endpoint::Upstreams | Endpoint::Routes | Endpoint::Revisions => GET,
+            Endpoint::Upstreams
+            | Endpoint::Routes
+            | Endpoint::Revisions
+            | Endpoint::Status
+            | Endpoint::Metrics => GET,
             Endpoint::Upstream(_) | Endpoint::Route(_) => GET_PUT_DELETE,
             Endpoint::Servers(_) => GET_POST,
             Endpoint::Server(..) => GET_PATCH_DELETE,
@@ -52,9 +60,10 @@ impl Endpoint {
 
     pub fn flavor(&self) -> Flavor {
         match self {
-            Endpoint::DyupsDetail | Endpoint::DyupsList | Endpoint::DyupsUpstream(_) => {
-                Flavor::Text
-            }
+            Endpoint::DyupsDetail
+            | Endpoint::DyupsList
+            | Endpoint::DyupsUpstream(_)
+            | Endpoint::Metrics => Flavor::Text,
             _ => Flavor::Json,
         }
     }
@@ -64,7 +73,11 @@ impl Endpoint {
 pub fn flavor_of_path(path: &str) -> Flavor {
     if path.starts_with("/v1/") || path == "/v1" {
         Flavor::Json
-    } else if path == "/detail" || path == "/list" || path.starts_with("/upstream/") {
+    } else if path == "/detail"
+        || path == "/list"
+        || path == "/metrics"
+        || path.starts_with("/upstream/")
+    {
         Flavor::Text
     } else {
         Flavor::Json
@@ -97,6 +110,8 @@ pub fn resolve(path: &str) -> Result<Endpoint, ApiError> {
         ["v1", "routes", _] => Endpoint::Route(seg(2, "route id")?),
         ["v1", "revisions"] => Endpoint::Revisions,
         ["v1", "revisions", _, "rollback"] => Endpoint::Rollback(seg(2, "revision")?),
+        ["v1", "status"] => Endpoint::Status,
+        ["metrics"] => Endpoint::Metrics,
         ["detail"] => Endpoint::DyupsDetail,
         ["list"] => Endpoint::DyupsList,
         ["upstream", _] => Endpoint::DyupsUpstream(seg(1, "upstream name")?),
@@ -228,6 +243,9 @@ mod tests {
             resolve("/v1/revisions/7/rollback").unwrap(),
             Endpoint::Rollback("7".into())
         );
+        assert_eq!(resolve("/v1/status").unwrap(), Endpoint::Status);
+        assert_eq!(resolve("/metrics").unwrap(), Endpoint::Metrics);
+        assert_eq!(Endpoint::Metrics.flavor(), Flavor::Text);
         assert_eq!(
             resolve("/upstream/a%2Fb").unwrap(),
             Endpoint::DyupsUpstream("a/b".into())

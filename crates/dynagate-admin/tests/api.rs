@@ -208,7 +208,7 @@ async fn invalid_input_is_400_naming_the_field_and_changes_nothing() {
         (
             "PUT",
             SHOP.into(),
-            Some(r#"{"balance":"random"}"#.into()),
+            Some(r#"{"balance":"fastest"}"#.into()),
             "balance",
         ),
         (
@@ -408,7 +408,8 @@ async fn missing_things_are_404_and_conflicts_409() {
             "no such endpoint",
         ),
         ("GET", "/v1/upstreams/", None, 404, "no such endpoint"),
-        ("GET", "/", None, 404, "no such endpoint"),
+        // `GET /` redirects to the dashboard; other methods stay unknown.
+        ("DELETE", "/", None, 404, "no such endpoint"),
         ("GET", "/upstream", None, 404, "no such endpoint"),
         // 409: would empty, duplicate, in use, same match.
         ("PUT", SHOP, Some(r#"{"servers":[]}"#), 409, "force=true"),
@@ -1029,4 +1030,120 @@ fn blocking_client_works_outside_a_runtime() {
     assert!(down.unwrap_err().to_string().contains("cannot connect"));
     drop(h);
     drop(rt);
+}
+
+/// Sends `GET path` with optional extra header lines; returns the status and the whole
+/// answer (head and body) as text.
+async fn raw_get(h: &Harness, path: &str, extra: &str) -> (u16, String) {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n");
+    let resp = h.raw(req.as_bytes()).await;
+    let status = resp.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, resp)
+}
+
+fn header<'a>(resp: &'a str, name: &str) -> Option<&'a str> {
+    let head = resp.split("\r\n\r\n").next().unwrap_or("");
+    head.lines().skip(1).find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+#[tokio::test]
+async fn dashboard_files_need_no_token_and_carry_a_strict_policy() {
+    let h = seeded().await;
+    for (path, ty, needle) in [
+        ("/ui/", "text/html; charset=utf-8", "<title>dynagate"),
+        (
+            "/ui/index.html",
+            "text/html; charset=utf-8",
+            "data-testid=\"login-form\"",
+        ),
+        (
+            "/ui/app.js",
+            "text/javascript; charset=utf-8",
+            "Authorization",
+        ),
+        ("/ui/style.css", "text/css; charset=utf-8", "{"),
+        ("/ui/favicon.svg", "image/svg+xml", "<svg"),
+    ] {
+        let (status, resp) = raw_get(&h, path, "").await;
+        assert_eq!(status, 200, "{path}: {resp}");
+        assert_eq!(header(&resp, "content-type"), Some(ty), "{path}");
+        assert_eq!(header(&resp, "cache-control"), Some("no-cache"), "{path}");
+        let csp = header(&resp, "content-security-policy").unwrap();
+        assert!(
+            csp.starts_with("default-src 'none'; script-src 'self';"),
+            "{csp}"
+        );
+        assert!(!csp.contains("unsafe"), "{csp}");
+        assert_eq!(header(&resp, "x-content-type-options"), Some("nosniff"));
+        assert!(resp.contains(needle), "{path} lacks {needle:?}");
+        // The files hold no data: nothing from the state leaks into them.
+        assert!(!resp.contains("127.0.0.1:9001"), "{path}");
+    }
+    for path in ["/", "/ui"] {
+        let (status, resp) = raw_get(&h, path, "").await;
+        assert_eq!(status, 302, "{path}: {resp}");
+        assert_eq!(header(&resp, "location"), Some("/ui/"));
+    }
+    let (status, resp) = raw_get(&h, "/ui/secret.json", "").await;
+    assert_eq!(status, 404, "{resp}");
+    // Revalidation: the ETag answers 304.
+    let (_, resp) = raw_get(&h, "/ui/app.js", "").await;
+    let etag = header(&resp, "etag").unwrap().to_string();
+    let (status, _) = raw_get(&h, "/ui/app.js", &format!("If-None-Match: {etag}\r\n")).await;
+    assert_eq!(status, 304);
+    // Only reads: a write to the dashboard is 405 and to `/` stays a 401.
+    let reply = h.call("POST", "/ui/", Some("{}")).await;
+    assert_eq!(reply.status, 405);
+    let anonymous = Client::new(&h.addr.to_string(), "nope").unwrap();
+    let reply = anonymous.send("DELETE", "/", None).await.unwrap();
+    assert_eq!(reply.status, 401);
+}
+
+#[tokio::test]
+async fn status_and_metrics() {
+    let h = seeded().await;
+    let (status, v) = h.json("GET", "/v1/status", None).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["revision"], 2);
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert!(v["uptime_s"].as_u64().unwrap() < 60, "{v}");
+    let reply = h.call("POST", "/v1/status", None).await;
+    assert_eq!(reply.status, 405);
+
+    let (status, resp) = raw_get(
+        &h,
+        "/metrics",
+        &format!("Authorization: Bearer {TOKEN}\r\n"),
+    )
+    .await;
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(
+        header(&resp, "content-type"),
+        Some("text/plain; version=0.0.4")
+    );
+    assert!(resp.contains("# TYPE "), "{resp}");
+    assert!(resp.contains("127.0.0.1:9001"), "{resp}");
+    let reply = h.call("POST", "/metrics", None).await;
+    assert_eq!(reply.status, 405);
+    assert_eq!(
+        reply.text(),
+        "method POST is not allowed here; allowed: GET\n"
+    );
+
+    // Without the token: 401, unless metrics are open; the rest stays closed either way.
+    for path in ["/metrics", "/v1/status"] {
+        let (status, resp) = raw_get(&h, path, "").await;
+        assert_eq!(status, 401, "{path}: {resp}");
+    }
+    let open = Harness::start_with(common::TempDir::new(), true).await;
+    let (status, resp) = raw_get(&open, "/metrics", "").await;
+    assert_eq!(status, 200, "{resp}");
+    assert!(resp.contains("dynagate_config_revision 0"), "{resp}");
+    for path in ["/v1/status", "/v1/upstreams", "/list"] {
+        let (status, resp) = raw_get(&open, path, "").await;
+        assert_eq!(status, 401, "{path}: {resp}");
+    }
 }

@@ -1187,7 +1187,10 @@ mod tests {
             rt.spawn(dynagate_admin::serve(
                 listener,
                 controller.clone(),
-                TOKEN.into(),
+                dynagate_admin::AdminOptions {
+                    token: TOKEN.into(),
+                    metrics_open: false,
+                },
                 async {
                     let _ = rx.await;
                 },

@@ -1,5 +1,6 @@
 //! `dynagate`: run the gateway, check a configuration file, or drive a running gateway.
 
+mod bridge;
 mod ctl;
 mod run;
 mod settings;
@@ -61,6 +62,15 @@ pub struct RunArgs {
     /// Log filter, e.g. info or dynagate=debug
     #[arg(long, env = "DYNAGATE_LOG")]
     log: Option<String>,
+    /// Access log: `stdout` or a file path (format from the config file, default combined)
+    #[arg(long, env = "DYNAGATE_ACCESS_LOG")]
+    access_log: Option<String>,
+    /// This gateway's zone, for local_first balancing
+    #[arg(long, env = "DYNAGATE_ZONE")]
+    zone: Option<String>,
+    /// Token the service registry requires for writes
+    #[arg(long, env = "DYNAGATE_REGISTRY_TOKEN", hide_env_values = true)]
+    registry_token: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -94,6 +104,19 @@ impl RunArgs {
         }
         if let Some(v) = &self.log {
             s.log = v.clone();
+        }
+        if let Some(v) = &self.access_log {
+            let format = s.access_log.as_ref().map(|a| a.format).unwrap_or_default();
+            s.access_log = Some(settings::AccessLogSettings {
+                path: v.clone(),
+                format,
+            });
+        }
+        if let Some(v) = &self.zone {
+            s.zone = Some(v.clone());
+        }
+        if let Some(v) = &self.registry_token {
+            s.registry.token = Some(v.clone());
         }
         s.validate()?;
         Ok(s)

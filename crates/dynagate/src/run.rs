@@ -3,6 +3,7 @@
 
 use crate::settings::Settings;
 use crate::token;
+use dynagate_proxy::access_log::AccessLog;
 use dynagate_proxy::{Controller, ProxyOptions};
 use dynagate_store::SqliteStore;
 use std::os::unix::fs::DirBuilderExt;
@@ -42,6 +43,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
     let db = data_dir.join("dynagate.db");
     let store = SqliteStore::open(&db, settings.revisions_retained)
         .map_err(|e| format!("{}: {e}", db.display()))?;
+    dynagate_proxy::runtime::set_zone(settings.zone.clone());
     let controller = Arc::new(Controller::open(Arc::new(store)).map_err(|e| e.to_string())?);
     tracing::info!(
         revision = controller.revision(),
@@ -61,6 +63,41 @@ pub fn run(settings: Settings) -> Result<(), String> {
         .map_err(|e| format!("admin listener {}: {e}", settings.admin_listen))?;
     let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
 
+    let registry = match settings.registry.enabled {
+        true => {
+            let options = dynagate_registry::RegistryOptions {
+                token: settings.registry.token.clone(),
+                acl_reads: settings.registry.acl_reads,
+                ..Default::default()
+            };
+            let registry = dynagate_registry::Registry::open(data_dir, options)
+                .map_err(|e| format!("registry: {e}"))?;
+            let listener = control_rt
+                .block_on(tokio::net::TcpListener::bind(settings.registry_listen))
+                .map_err(|e| format!("registry listener {}: {e}", settings.registry_listen))?;
+            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            let stats = registry.clone();
+            controller.add_metrics_source(Box::new(move |out| registry_metrics(&stats, out)));
+            Some((registry, listener, addr))
+        }
+        false => None,
+    };
+    let registry_addr = registry.as_ref().map(|(_, _, a)| a.to_string());
+
+    let access_log = match &settings.access_log {
+        Some(a) => Some(Arc::new(
+            AccessLog::open(&a.path, a.format)
+                .map_err(|e| format!("access_log {}: {e}", a.path))?,
+        )),
+        None => None,
+    };
+    let health = dynagate_proxy::health::start(
+        controller.snapshots(),
+        controller.subscribe(),
+        settings.health_check_concurrency,
+    )
+    .map_err(|e| format!("health checker: {e}"))?;
+
     let proxy = dynagate_proxy::start(
         ProxyOptions {
             listen: settings.listen,
@@ -69,6 +106,8 @@ pub fn run(settings: Settings) -> Result<(), String> {
             max_header_bytes: settings.limits.max_header_bytes,
             max_headers: settings.limits.max_headers,
             h2_max_concurrent_streams: settings.limits.h2_max_concurrent_streams,
+            access_log,
+            counters: controller.counters.clone(),
         },
         controller.snapshots(),
     )
@@ -79,7 +118,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
         "pid": std::process::id(),
         "proxy": proxy.local_addr.to_string(),
         "admin": admin_addr.to_string(),
-        "registry": settings.registry_listen.to_string(),
+        "registry": registry_addr,
     });
     std::fs::write(&run_file, format!("{info}\n"))
         .map_err(|e| format!("{}: {e}", run_file.display()))?;
@@ -91,19 +130,45 @@ pub fn run(settings: Settings) -> Result<(), String> {
     );
 
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin_options = dynagate_admin::AdminOptions {
+        token,
+        metrics_open: settings.metrics_open,
+    };
     let admin = control_rt.spawn(dynagate_admin::serve(
         admin_listener,
         controller.clone(),
-        token,
+        admin_options,
         async move {
             let _ = admin_stopped.await;
         },
     ));
 
+    let (stop_registry, registry_stopped) = tokio::sync::watch::channel(false);
+    if let Some((registry, listener, addr)) = registry {
+        tracing::info!(registry = %addr, "service registry (Consul HTTP API) listening");
+        let mut stopped = registry_stopped.clone();
+        let serving = registry.clone();
+        control_rt.spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.changed().await;
+            };
+            if let Err(e) = serving.serve(listener, shutdown).await {
+                tracing::error!(error = %e, "registry stopped");
+            }
+        });
+        control_rt.spawn(crate::bridge::run(
+            registry,
+            controller.clone(),
+            registry_stopped,
+        ));
+    }
+
     control_rt.block_on(wait_for_signal());
     tracing::info!(grace = ?settings.grace_period, "shutting down: no new connections; in-flight requests may finish");
     proxy.shutdown(settings.grace_period);
+    health.stop();
     let _ = stop_admin.send(());
+    let _ = stop_registry.send(true);
     let _ = control_rt
         .block_on(async { tokio::time::timeout(std::time::Duration::from_secs(5), admin).await });
     let _ = std::fs::remove_file(&run_file);
@@ -124,5 +189,47 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn registry_metrics(registry: &dynagate_registry::Registry, out: &mut String) {
+    use std::fmt::Write;
+    let s = registry.stats();
+    for (name, help, value) in [
+        (
+            "dynagate_registry_services",
+            "Registered service names.",
+            s.services as u64,
+        ),
+        (
+            "dynagate_registry_instances",
+            "Registered service instances.",
+            s.instances as u64,
+        ),
+        (
+            "dynagate_registry_checks",
+            "Registered checks.",
+            s.checks as u64,
+        ),
+        (
+            "dynagate_registry_kv_keys",
+            "Keys in the KV store.",
+            s.kv_keys as u64,
+        ),
+        (
+            "dynagate_registry_watchers",
+            "Blocking queries waiting now.",
+            s.watchers as u64,
+        ),
+        (
+            "dynagate_registry_index",
+            "The registry's global index.",
+            s.index,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        );
     }
 }

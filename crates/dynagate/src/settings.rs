@@ -26,7 +26,48 @@ pub struct Settings {
     pub revisions_retained: u64,
     /// tracing filter, e.g. `info` or `dynagate=debug`.
     pub log: String,
+    /// This gateway's zone: `local_first` upstreams prefer servers of the same zone.
+    pub zone: Option<String>,
+    /// Serve `/metrics` on the admin listener without the token.
+    pub metrics_open: bool,
+    /// Active health checks running at once, across all servers.
+    pub health_check_concurrency: usize,
     pub limits: Limits,
+    /// Off unless set.
+    pub access_log: Option<AccessLogSettings>,
+    pub registry: RegistrySettings,
+}
+
+/// The embedded service registry (Consul HTTP API) on `registry_listen`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrySettings {
+    pub enabled: bool,
+    /// When set, registry writes need it (`X-Consul-Token`, `Authorization: Bearer`,
+    /// `?token=`); else 403.
+    pub token: Option<String>,
+    /// With a token: reads need it too.
+    pub acl_reads: bool,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        RegistrySettings {
+            enabled: true,
+            token: None,
+            acl_reads: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogSettings {
+    /// `stdout` or a file path (appended to).
+    pub path: String,
+    /// `combined` (nginx's, plus upstream address and times) or `json`.
+    #[serde(default)]
+    pub format: dynagate_proxy::access_log::LogFormat,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -55,7 +96,12 @@ impl Default for Settings {
             grace_period: Duration::from_secs(30),
             revisions_retained: 1000,
             log: "info".into(),
+            zone: None,
+            metrics_open: false,
+            health_check_concurrency: dynagate_proxy::health::DEFAULT_CONCURRENCY,
             limits: Limits::default(),
+            access_log: None,
+            registry: RegistrySettings::default(),
         }
     }
 }
@@ -113,6 +159,22 @@ impl Settings {
             return Err("limits.h2_max_concurrent_streams: out of range 1-10000".into());
         }
         tracing_subscriber::EnvFilter::try_new(&self.log).map_err(|e| format!("log: {e}"))?;
+        if let Some(z) = &self.zone {
+            dynagate_model::validate::validate_zone("zone", z).map_err(|e| e.to_string())?;
+        }
+        if !(1..=100_000).contains(&self.health_check_concurrency) {
+            return Err("health_check_concurrency: out of range 1-100000".into());
+        }
+        if let Some(t) = &self.registry.token {
+            if t.len() < 16 {
+                return Err("registry.token: must be at least 16 characters".into());
+            }
+        }
+        if let Some(a) = &self.access_log {
+            if a.path.is_empty() {
+                return Err("access_log.path: must be `stdout` or a file path".into());
+            }
+        }
         Ok(())
     }
 

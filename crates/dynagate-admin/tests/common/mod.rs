@@ -68,6 +68,11 @@ impl Harness {
     }
 
     pub async fn start_in(dir: TempDir) -> Harness {
+        Self::start_with(dir, false).await
+    }
+
+    /// A server whose `/metrics` needs no token when `metrics_open`.
+    pub async fn start_with(dir: TempDir, metrics_open: bool) -> Harness {
         let controller = open_controller(&dir.0);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -75,7 +80,10 @@ impl Harness {
         let server = tokio::spawn(dynagate_admin::serve(
             listener,
             controller.clone(),
-            TOKEN.to_string(),
+            dynagate_admin::AdminOptions {
+                token: TOKEN.to_string(),
+                metrics_open,
+            },
             async {
                 let _ = rx.await;
             },

@@ -56,6 +56,8 @@ pub struct Gateway {
     pub data_dir: PathBuf,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    /// The service registry (Consul HTTP API), when enabled.
+    pub registry: Option<SocketAddr>,
     pub token: String,
     pub client: Client<hyper_util::client::legacy::connect::HttpConnector, BoxBody>,
 }
@@ -75,7 +77,14 @@ impl Gateway {
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_dynagate"))
             .arg("run")
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--registry-listen",
+                "127.0.0.1:0",
+            ])
             .args(if extra.contains(&"--workers") {
                 &[][..]
             } else {
@@ -99,6 +108,7 @@ impl Gateway {
                         gw = Some((
                             v["proxy"].as_str().unwrap().parse().unwrap(),
                             v["admin"].as_str().unwrap().parse().unwrap(),
+                            v["registry"].as_str().map(|r| r.parse().unwrap()),
                         ));
                         break;
                     }
@@ -106,7 +116,7 @@ impl Gateway {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let (proxy, admin) = gw.unwrap_or_else(|| {
+        let (proxy, admin, registry) = gw.unwrap_or_else(|| {
             panic!(
                 "dynagate did not start; log:\n{}",
                 std::fs::read_to_string(data_dir.join("gateway.log")).unwrap_or_default()
@@ -121,6 +131,7 @@ impl Gateway {
             data_dir: data_dir.to_path_buf(),
             proxy,
             admin,
+            registry,
             token,
             client: Client::builder(TokioExecutor::new()).build_http(),
         }
@@ -188,6 +199,25 @@ impl Gateway {
             serde_json::json!({"hosts": hosts, "path_prefix": prefix, "upstream": upstream}),
         )
         .await;
+    }
+
+    /// A Consul HTTP API call to the embedded registry.
+    pub async fn consul(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!(
+                "http://{}{}",
+                self.registry.expect("registry enabled"),
+                path
+            ))
+            .body(full(body.map(|b| b.to_string()).unwrap_or_default()))
+            .unwrap();
+        let resp = self.client.request(req).await.expect("registry call");
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, value)
     }
 
     /// GET through the proxy; returns status, the answering backend's name, and the body.
@@ -274,7 +304,15 @@ pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
     pub hits: Arc<AtomicU64>,
+    /// Behaviour of the default path: answer with this status (0 = 200) after this delay.
+    pub behaviour: Arc<Behaviour>,
     task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+pub struct Behaviour {
+    pub status: std::sync::atomic::AtomicU16,
+    pub delay_ms: AtomicU64,
 }
 
 impl Backend {
@@ -286,7 +324,8 @@ impl Backend {
     /// Restarts a killed backend on the same address.
     pub async fn restart(&mut self) {
         let listener = TcpListener::bind(self.addr).await.unwrap();
-        let again = Self::serve(&self.name, listener);
+        let mut again = Self::serve(&self.name, listener);
+        again.behaviour = self.behaviour.clone();
         self.task.abort();
         *self = again;
     }
@@ -294,6 +333,8 @@ impl Backend {
     fn serve(name: &str, listener: TcpListener) -> Backend {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicU64::new(0));
+        let behaviour = Arc::new(Behaviour::default());
+        let behaviour2 = behaviour.clone();
         let name_owned = name.to_string();
         let hits2 = hits.clone();
         let task = tokio::spawn(async move {
@@ -304,12 +345,16 @@ impl Backend {
                 };
                 let name = name_owned.clone();
                 let hits = hits2.clone();
+                let behaviour = behaviour2.clone();
                 conns.spawn(async move {
                     let service = service_fn(move |req| {
                         let name = name.clone();
+                        let behaviour = behaviour.clone();
                         hits.fetch_add(1, Ordering::Relaxed);
                         async move {
-                            Ok::<_, std::convert::Infallible>(backend_answer(&name, req).await)
+                            Ok::<_, std::convert::Infallible>(
+                                backend_answer(&name, &behaviour, req).await,
+                            )
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -324,6 +369,7 @@ impl Backend {
             name: name.to_string(),
             addr,
             hits,
+            behaviour,
             task,
         }
     }
@@ -355,7 +401,11 @@ fn query_u64(req: &Request<Incoming>, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn backend_answer(name: &str, mut req: Request<Incoming>) -> Response<BoxBody> {
+async fn backend_answer(
+    name: &str,
+    behaviour: &Behaviour,
+    mut req: Request<Incoming>,
+) -> Response<BoxBody> {
     let path = req.uri().path().to_string();
     let mut resp = match path.as_str() {
         "/slow" => {
@@ -433,9 +483,63 @@ async fn backend_answer(name: &str, mut req: Request<Incoming>) -> Response<BoxB
                 .body(full(""))
                 .unwrap()
         }
-        _ => Response::new(full(name.to_string())),
+        _ => {
+            let delay = behaviour.delay_ms.load(Ordering::Relaxed);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
+            let mut r = Response::new(full(name.to_string()));
+            let status = behaviour.status.load(Ordering::Relaxed);
+            if status != 0 {
+                *r.status_mut() = StatusCode::from_u16(status).unwrap();
+            }
+            r
+        }
     };
     resp.headers_mut()
         .insert("x-backend", name.parse().unwrap());
     resp
+}
+
+/// A server that accepts connections and never answers: a hung process.
+pub async fn hung_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    (addr, task)
+}
+
+/// Polls `f` every 50 ms until it is true or `within` passes; returns whether it became true.
+pub async fn eventually<F, Fut>(within: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// The live record of one server from `GET /v1/upstreams/{name}`.
+pub async fn live(gw: &Gateway, upstream: &str, addr: SocketAddr) -> Value {
+    let (_, up) = gw
+        .admin("GET", &format!("/v1/upstreams/{upstream}"), None)
+        .await;
+    up["live"]
+        .as_array()
+        .unwrap_or(&Vec::new())
+        .iter()
+        .find(|s| s["address"] == addr.to_string())
+        .cloned()
+        .unwrap_or(Value::Null)
 }

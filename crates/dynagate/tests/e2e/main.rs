@@ -3,9 +3,13 @@
 mod harness;
 
 mod admin_errors;
+mod algorithms;
 mod balancing;
 mod churn;
 mod durability;
+mod health;
 mod lifecycle;
+mod observability;
+mod registry;
 mod routing;
 mod streaming;
