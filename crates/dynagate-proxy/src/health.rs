@@ -343,3 +343,70 @@ async fn probe(
         Err(format!("HTTP {status} is not an expected status"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dynagate_model::{Server, Upstream};
+
+    fn snapshot_with(check: Option<HealthCheck>) -> Snapshot {
+        let mut spec = Upstream::new(
+            "u",
+            vec![Server::new("127.0.0.1:9"), Server::new("127.0.0.1:10")],
+        );
+        spec.health_check = check;
+        let mut snap = Snapshot::default();
+        snap.upstreams.insert(
+            "u".into(),
+            Arc::new(UpstreamRuntime::build(Arc::new(spec), None)),
+        );
+        snap
+    }
+
+    fn tcp_check() -> HealthCheck {
+        serde_json::from_str(r#"{"type":"tcp","interval":"1s","timeout":"100ms"}"#).unwrap()
+    }
+
+    #[tokio::test]
+    async fn reconcile_starts_restarts_and_stops_tasks() {
+        let permits = Arc::new(Semaphore::new(4));
+        let mut seen = HashMap::new();
+        let mut tasks = HashMap::new();
+        let snap = snapshot_with(Some(tcp_check()));
+        reconcile(&snap, &mut seen, &mut tasks, &permits);
+        assert_eq!(tasks.len(), 2);
+
+        // A task that died (here: aborted) is restarted on the next pass.
+        let key = ("u".to_string(), "127.0.0.1:9".to_string());
+        tasks[&key].handle.abort();
+        while !tasks[&key].handle.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        reconcile(&snap, &mut seen, &mut tasks, &permits);
+        assert_eq!(tasks.len(), 2);
+        assert!(!tasks[&key].handle.is_finished());
+
+        // Checks turned off: tasks stop and verdicts are cleared.
+        snap.upstreams["u"].servers[0]
+            .stats
+            .set_health(Health::Unhealthy);
+        let off = snapshot_with(None);
+        // Carry the same record over, as a real rebuild does.
+        let rebuilt =
+            UpstreamRuntime::build(off.upstreams["u"].spec.clone(), Some(&snap.upstreams["u"]));
+        let mut off = off;
+        off.upstreams.insert("u".into(), Arc::new(rebuilt));
+        reconcile(&off, &mut seen, &mut tasks, &permits);
+        assert!(tasks.is_empty());
+        assert_eq!(
+            off.upstreams["u"].servers[0].stats.health(),
+            Health::Unchecked
+        );
+
+        // Upstream gone: nothing left.
+        reconcile(&snap, &mut seen, &mut tasks, &permits);
+        assert_eq!(tasks.len(), 2);
+        reconcile(&Snapshot::default(), &mut seen, &mut tasks, &permits);
+        assert!(tasks.is_empty());
+    }
+}
