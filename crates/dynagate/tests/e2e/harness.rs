@@ -304,6 +304,8 @@ pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
     pub hits: Arc<AtomicU64>,
+    /// TCP connections accepted.
+    pub conns: Arc<AtomicU64>,
     /// Behaviour of the default path: answer with this status (0 = 200) after this delay.
     pub behaviour: Arc<Behaviour>,
     task: tokio::task::JoinHandle<()>,
@@ -333,6 +335,8 @@ impl Backend {
     fn serve(name: &str, listener: TcpListener) -> Backend {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicU64::new(0));
+        let conns = Arc::new(AtomicU64::new(0));
+        let conns2 = conns.clone();
         let behaviour = Arc::new(Behaviour::default());
         let behaviour2 = behaviour.clone();
         let name_owned = name.to_string();
@@ -343,6 +347,7 @@ impl Backend {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                conns2.fetch_add(1, Ordering::Relaxed);
                 let name = name_owned.clone();
                 let hits = hits2.clone();
                 let behaviour = behaviour2.clone();
@@ -369,6 +374,7 @@ impl Backend {
             name: name.to_string(),
             addr,
             hits,
+            conns,
             behaviour,
             task,
         }

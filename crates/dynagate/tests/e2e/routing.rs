@@ -116,3 +116,48 @@ async fn forwarded_headers_and_hop_by_hop() {
     let (_, _, text) = gw.get("site.example", "/h").await;
     assert!(text.contains("host: internal.svc"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_pools_survive_unrelated_changes() {
+    let dir = TempDir::new("pools");
+    let gw = Gateway::start_with(dir.path(), &["--workers", "1"]).await;
+    let a = Backend::start("a").await;
+    let other = Backend::start("other").await;
+    gw.put_upstream("u", &[&a]).await;
+    gw.put_upstream("v", &[&other]).await;
+    gw.put_route("r", &[], "/", "u").await;
+    for _ in 0..10 {
+        assert_eq!(gw.get("x", "/").await.0, 200);
+    }
+    let conns = a.conns.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        conns <= 2,
+        "sequential requests share a pooled connection: {conns}"
+    );
+    // Changes to another upstream, to routes, and to another server of this upstream.
+    let b = Backend::start("b").await;
+    for i in 0..10 {
+        gw.ok(
+            "PATCH",
+            &format!("/v1/upstreams/v/servers/{}", other.addr),
+            serde_json::json!({"weight": i + 1}),
+        )
+        .await;
+        gw.put_route(&format!("extra{i}"), &[&format!("h{i}.example")], "/", "v")
+            .await;
+    }
+    gw.ok(
+        "POST",
+        "/v1/upstreams/u/servers",
+        serde_json::json!({"address": b.addr.to_string(), "state": "drain"}),
+    )
+    .await;
+    for _ in 0..10 {
+        assert_eq!(gw.get("x", "/").await.1, "a");
+    }
+    assert_eq!(
+        a.conns.load(std::sync::atomic::Ordering::Relaxed),
+        conns,
+        "no new upstream connection after unrelated changes"
+    );
+}

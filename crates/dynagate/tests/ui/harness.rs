@@ -75,9 +75,17 @@ impl Gateway {
             .stderr(log)
             .spawn()
             .expect("start dynagate");
+        let mut child = child;
         let pid = child.id();
         let mut addrs = None;
-        for _ in 0..500 {
+        // Generous: a debug build on a busy 2-core machine.
+        for _ in 0..1000 {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "dynagate exited at start ({status}); log:\n{}",
+                    std::fs::read_to_string(data_dir.join("gateway.log")).unwrap_or_default()
+                );
+            }
             if let Ok(text) = std::fs::read_to_string(&run_file) {
                 if let Ok(v) = serde_json::from_str::<Value>(&text) {
                     if v["pid"].as_u64() == Some(pid as u64) {
@@ -99,7 +107,8 @@ impl Gateway {
             token: String::new(),
             client: Client::builder(TokioExecutor::new()).build_http(),
         };
-        let (proxy, admin) = addrs.unwrap_or_else(|| panic!("dynagate did not start"));
+        // On a panic here, dropping `gw` prints the log and kills the process.
+        let (proxy, admin) = addrs.unwrap_or_else(|| panic!("dynagate did not start within 20 s"));
         gw.proxy = proxy;
         gw.admin = admin;
         gw.token = std::fs::read_to_string(data_dir.join("admin.token"))
