@@ -20,6 +20,7 @@ use http::{Method, Response, StatusCode};
 pub async fn handle(call: Call<'_>, endpoint: Endpoint) -> Result<Response<Body>, ApiError> {
     let Call {
         controller,
+        registry: _,
         method,
         query,
         headers,

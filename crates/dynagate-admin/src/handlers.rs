@@ -23,6 +23,7 @@ pub const MAX_REVISIONS: u64 = 100_000;
 /// A request as the handlers see it, after authentication and routing.
 pub struct Call<'a> {
     pub controller: &'a Arc<Controller>,
+    pub registry: Option<&'a Arc<dyn crate::RegistryView>>,
     pub method: Method,
     pub query: Option<&'a str>,
     pub headers: &'a HeaderMap,
@@ -100,6 +101,7 @@ fn upstream_missing(name: &str) -> ApiError {
 pub async fn handle(call: Call<'_>, endpoint: Endpoint) -> Result<Response<Body>, ApiError> {
     let Call {
         controller,
+        registry,
         method,
         query,
         headers,
@@ -262,6 +264,15 @@ pub async fn handle(call: Call<'_>, endpoint: Endpoint) -> Result<Response<Body>
             })
             .await?;
             Ok(json_response(StatusCode::OK, &status))
+        }
+        (Endpoint::RegistryServices, Method::GET) => {
+            let registry = registry
+                .ok_or_else(|| ApiError::not_found("the service registry is not enabled"))?
+                .clone();
+            let services = tokio::task::spawn_blocking(move || registry.services())
+                .await
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            Ok(json_response(StatusCode::OK, &services))
         }
         (Endpoint::Metrics, Method::GET) => {
             let text = blocking(controller, |c| Ok(dynagate_proxy::metrics::render(c))).await?;

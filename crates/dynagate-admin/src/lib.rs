@@ -45,6 +45,14 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// After shutdown, how long in-flight calls may still take.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+/// What the dashboard shows of the service registry (implemented by the binary, so
+/// this crate does not depend on the registry).
+pub trait RegistryView: Send + Sync {
+    /// `[{"name","tags","instances":[{"id","address","port","health",
+    /// "checks":[{"id","name","type","status","output"}]}]}]`
+    fn services(&self) -> serde_json::Value;
+}
+
 /// How the admin listener is set up.
 #[derive(Clone)]
 pub struct AdminOptions {
@@ -52,6 +60,8 @@ pub struct AdminOptions {
     pub token: String,
     /// Serve `GET /metrics` without a token (for a scraper that cannot send one).
     pub metrics_open: bool,
+    /// `GET /v1/registry/services` answers 404 without one.
+    pub registry: Option<Arc<dyn RegistryView>>,
 }
 
 impl std::fmt::Debug for AdminOptions {
@@ -59,6 +69,7 @@ impl std::fmt::Debug for AdminOptions {
         f.debug_struct("AdminOptions")
             .field("token", &"<redacted>")
             .field("metrics_open", &self.metrics_open)
+            .field("registry", &self.registry.is_some())
             .finish()
     }
 }
@@ -67,6 +78,7 @@ struct Admin {
     controller: Arc<Controller>,
     token: Token,
     metrics_open: bool,
+    registry: Option<Arc<dyn RegistryView>>,
 }
 
 /// Serves the admin API and the dashboard on `listener` until `shutdown` resolves, then
@@ -81,6 +93,7 @@ pub async fn serve(
         controller,
         token: Token::new(options.token),
         metrics_open: options.metrics_open,
+        registry: options.registry,
     });
     let mut builder = http1::Builder::new();
     builder
@@ -153,6 +166,7 @@ async fn handle(admin: &Admin, peer: SocketAddr, req: Request<Incoming>) -> Resp
     }
     let call = Call {
         controller: &admin.controller,
+        registry: admin.registry.as_ref(),
         method: parts.method.clone(),
         query: parts.uri.query(),
         headers: &parts.headers,

@@ -26,6 +26,8 @@ pub enum Endpoint {
     Status,
     /// `/metrics` (Prometheus text)
     Metrics,
+    /// `/v1/registry/services`: services, instances and checks for the dashboard
+    RegistryServices,
     /// dyups `/detail`
     DyupsDetail,
     /// dyups `/list`
@@ -48,7 +50,8 @@ impl Endpoint {
             | Endpoint::Routes
             | Endpoint::Revisions
             | Endpoint::Status
-            | Endpoint::Metrics => GET,
+            | Endpoint::Metrics
+            | Endpoint::RegistryServices => GET,
             Endpoint::Upstream(_) | Endpoint::Route(_) => GET_PUT_DELETE,
             Endpoint::Servers(_) => GET_POST,
             Endpoint::Server(..) => GET_PATCH_DELETE,
@@ -112,6 +115,7 @@ pub fn resolve(path: &str) -> Result<Endpoint, ApiError> {
         ["v1", "revisions", _, "rollback"] => Endpoint::Rollback(seg(2, "revision")?),
         ["v1", "status"] => Endpoint::Status,
         ["metrics"] => Endpoint::Metrics,
+        ["v1", "registry", "services"] => Endpoint::RegistryServices,
         ["detail"] => Endpoint::DyupsDetail,
         ["list"] => Endpoint::DyupsList,
         ["upstream", _] => Endpoint::DyupsUpstream(seg(1, "upstream name")?),

@@ -242,24 +242,27 @@ impl Registry {
     }
 
     /// Every service with its instances and their checks, for the dashboard:
-    /// `[{"name", "instances": [{"id","address","port","tags","status",
-    /// "checks": [{"id","name","status","output"}]}]}]`.
+    /// `[{"name","tags","instances":[{"id","address","port","tags","health",
+    /// "checks":[{"id","name","type","status","output"}]}]}]`.
     pub fn services_overview(&self) -> serde_json::Value {
         let st = self.state.read();
         let services: Vec<serde_json::Value> = st
             .by_name
             .iter()
             .map(|(name, ids)| {
+                let mut tags = std::collections::BTreeSet::new();
                 let instances: Vec<serde_json::Value> = ids
                     .iter()
                     .filter_map(|id| st.services.get(id))
                     .map(|svc| {
+                        tags.extend(svc.tags.iter().cloned());
                         let checks: Vec<serde_json::Value> = st
                             .checks_of(&svc.id)
                             .map(|c| {
                                 serde_json::json!({
                                     "id": c.def.id,
                                     "name": c.def.name,
+                                    "type": c.def.kind.type_name(),
                                     "status": c.rt.status.as_str(),
                                     "output": c.rt.output,
                                 })
@@ -275,12 +278,12 @@ impl Registry {
                             "address": address,
                             "port": svc.port,
                             "tags": svc.tags,
-                            "status": st.service_health(&svc.id).as_str(),
+                            "health": st.service_health(&svc.id).as_str(),
                             "checks": checks,
                         })
                     })
                     .collect();
-                serde_json::json!({"name": name, "instances": instances})
+                serde_json::json!({"name": name, "tags": tags, "instances": instances})
             })
             .collect();
         serde_json::Value::Array(services)

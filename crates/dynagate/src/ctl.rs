@@ -1190,6 +1190,7 @@ mod tests {
                 dynagate_admin::AdminOptions {
                     token: TOKEN.into(),
                     metrics_open: false,
+                    registry: None,
                 },
                 async {
                     let _ = rx.await;

@@ -133,6 +133,9 @@ pub fn run(settings: Settings) -> Result<(), String> {
     let admin_options = dynagate_admin::AdminOptions {
         token,
         metrics_open: settings.metrics_open,
+        registry: registry.as_ref().map(|(r, _, _)| {
+            Arc::new(RegistryOverview(r.clone())) as Arc<dyn dynagate_admin::RegistryView>
+        }),
     };
     let admin = control_rt.spawn(dynagate_admin::serve(
         admin_listener,
@@ -231,5 +234,14 @@ fn registry_metrics(registry: &dynagate_registry::Registry, out: &mut String) {
             out,
             "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
         );
+    }
+}
+
+/// The dashboard's view of the registry.
+struct RegistryOverview(Arc<dynagate_registry::Registry>);
+
+impl dynagate_admin::RegistryView for RegistryOverview {
+    fn services(&self) -> serde_json::Value {
+        self.0.services_overview()
     }
 }

@@ -83,6 +83,7 @@ impl Harness {
             dynagate_admin::AdminOptions {
                 token: TOKEN.to_string(),
                 metrics_open,
+                registry: None,
             },
             async {
                 let _ = rx.await;

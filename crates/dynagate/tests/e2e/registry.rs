@@ -50,6 +50,19 @@ async fn registered_services_become_upstreams() {
     assert_eq!(seen.get("a"), Some(&10), "{seen:?}");
     assert_eq!(seen.get("b"), Some(&30), "{seen:?}");
 
+    // The dashboard's view of the registry.
+    let (status, services) = gw.admin("GET", "/v1/registry/services", None).await;
+    assert_eq!(status, 200);
+    let web = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap();
+    assert_eq!(web["instances"].as_array().unwrap().len(), 2, "{web}");
+    assert_eq!(web["tags"], json!(["weight=3"]));
+    assert_eq!(web["instances"][0]["health"], "passing");
+
     // Membership is read-only through the admin API; a drain override is allowed and kept.
     let (_, up) = gw.admin("GET", "/v1/upstreams/web", None).await;
     assert_eq!(up["registry_fed"], true, "{up}");

@@ -66,6 +66,7 @@ impl Gateway {
         let child = Command::new(env!("CARGO_BIN_EXE_dynagate"))
             .arg("run")
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--registry-listen", "127.0.0.1:0"])
             .args(["--workers", "2"])
             .arg("--data-dir")
             .arg(data_dir)
