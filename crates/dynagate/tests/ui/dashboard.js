@@ -155,7 +155,9 @@ async function main() {
     await page.waitForFunction(() => /\d/.test(document.querySelector('[data-testid="status-revision"]').textContent));
     await page.locator('[data-testid="route-row"]').first().waitFor();
     await page.locator('[data-testid="revision-row"]').first().waitFor();
-    await page.getByTestId('registry-disabled').waitFor();
+    // The real registry: the service the test registered, its instance and its check.
+    await page.getByTestId('registry-service').filter({ hasText: 'billing' }).waitFor();
+    await page.getByTestId('registry-check').filter({ hasText: 'billing heartbeat' }).first().waitFor();
     check(await page.evaluate(() => !!sessionStorage.getItem('dynagate.admin.token')), 'token not kept in sessionStorage');
     log('signed in: both servers, routes, revisions shown');
 

@@ -55,8 +55,10 @@ pub struct Gateway {
     pub data_dir: PathBuf,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    /// The service registry (Consul HTTP API).
+    pub registry: SocketAddr,
     pub token: String,
-    client: Client<hyper_util::client::legacy::connect::HttpConnector, BoxBody>,
+    pub client: Client<hyper_util::client::legacy::connect::HttpConnector, BoxBody>,
 }
 
 impl Gateway {
@@ -93,6 +95,7 @@ impl Gateway {
                         addrs = Some((
                             v["proxy"].as_str().unwrap().parse().unwrap(),
                             v["admin"].as_str().unwrap().parse().unwrap(),
+                            v["registry"].as_str().unwrap().parse().unwrap(),
                         ));
                         break;
                     }
@@ -105,13 +108,16 @@ impl Gateway {
             data_dir: data_dir.to_path_buf(),
             proxy: "0.0.0.0:0".parse().unwrap(),
             admin: "0.0.0.0:0".parse().unwrap(),
+            registry: "0.0.0.0:0".parse().unwrap(),
             token: String::new(),
             client: Client::builder(TokioExecutor::new()).build_http(),
         };
         // On a panic here, dropping `gw` prints the log and kills the process.
-        let (proxy, admin) = addrs.unwrap_or_else(|| panic!("dynagate did not start within 20 s"));
+        let (proxy, admin, registry) =
+            addrs.unwrap_or_else(|| panic!("dynagate did not start within 20 s"));
         gw.proxy = proxy;
         gw.admin = admin;
+        gw.registry = registry;
         gw.token = std::fs::read_to_string(data_dir.join("admin.token"))
             .unwrap()
             .trim()

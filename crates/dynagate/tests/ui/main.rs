@@ -108,6 +108,16 @@ async fn dashboard_in_headless_chromium() {
     for _ in 0..4 {
         assert_eq!(gw.get("/").await.0, 200);
     }
+    // A service in the real registry, with a TTL check, for the registry section.
+    let register = http::Request::put(format!("http://{}/v1/agent/service/register", gw.registry))
+        .body(harness::full(
+            json!({"Name": "billing", "ID": "billing-1", "Port": 9, "Tags": ["v2"],
+                   "Check": {"TTL": "60s", "Status": "passing", "Name": "billing heartbeat"}})
+            .to_string(),
+        ))
+        .unwrap();
+    let resp = gw.client.request(register).await.unwrap();
+    assert_eq!(resp.status(), 200, "registering a service");
 
     // Light traffic all along, so the page has rates to show; bounded in count and time.
     let gw = Arc::new(gw);
