@@ -258,11 +258,13 @@
   /** A server is unhealthy when an active check, passive health or ejection says so. */
   function healthOf(s) {
     const reasons = [];
+    if (s.registry && !['passing', 'warning'].includes(s.registry)) reasons.push(`registry: ${s.registry}`);
     if (s.health === 'unhealthy') reasons.push('active check failing');
     if (s.passive_unhealthy) reasons.push('passive: max_fails reached');
     if (s.ejected) reasons.push('ejected as an outlier');
     if (reasons.length) return { label: 'unhealthy', cls: 'bad', reasons };
-    if (s.health === 'healthy') return { label: 'healthy', cls: 'good', reasons };
+    if (s.registry === 'warning') return { label: 'warning', cls: 'warn', reasons: ['registry: warning'] };
+    if (s.health === 'healthy' || s.registry === 'passing') return { label: 'healthy', cls: 'good', reasons };
     return { label: s.health || 'unchecked', cls: 'neutral', reasons };
   }
 
@@ -375,6 +377,10 @@
       });
     });
     card.append(form);
+    c.form = form;
+    // Registry-fed upstreams: membership comes from the registry, not from this page.
+    c.fedNote = h('p', { class: 'empty', testid: 'registry-fed-note', text: 'Servers come from the service registry: register or deregister instances to change them; drain overrides stay.' });
+    card.append(c.fedNote);
     return card;
   }
 
@@ -398,8 +404,10 @@
     const live = Array.isArray(up.live) ? up.live : [];
     const rows = live.map((s) => {
       const key = `${up.name}\u0000${s.address}`;
-      return { s, up: up.name, key, health: healthOf(s), sample: sampleServer(key, s, now) };
+      return { s, up: up.name, fed: !!up.registry_fed, key, health: healthOf(s), sample: sampleServer(key, s, now) };
     });
+    show(c.form, !up.registry_fed);
+    show(c.fedNote, !!up.registry_fed);
     sync(c.tbody, rows, (r) => r.s.address, createServerRow, updateServerRow);
     show(c.noServers, rows.length === 0);
 
@@ -409,6 +417,7 @@
     const down = rows.filter((r) => r.s.state === 'down').length;
     const rates = rows.map((r) => r.sample.rate).filter((r) => r != null);
     const chips = [chip(`${rows.length} server${rows.length === 1 ? '' : 's'}`, 'neutral')];
+    if (up.registry_fed) chips.push(chip('registry-fed', 'neutral', 'upstream-registry-fed'));
     if (healthy) chips.push(chip(`${healthy} healthy`, 'good'));
     if (unhealthy) chips.push(chip(`${unhealthy} unhealthy`, 'bad', 'upstream-unhealthy'));
     if (drain) chips.push(chip(`${drain} draining`, 'warn'));
@@ -468,6 +477,7 @@
     const { s, health, sample } = row;
     const c = tr._c;
     tr._row = row;
+    show(c.remove, !row.fed);
     tr.dataset.upstream = row.up;
     tr.dataset.address = s.address;
     tr.dataset.state = s.state;

@@ -233,7 +233,11 @@ impl Config {
                     .collect();
                 up.servers = servers;
                 validate_upstream(&up)?;
-                summary = format!("registry sync of {}: {} instance(s)", upstream, up.servers.len());
+                summary = format!(
+                    "registry sync of {}: {} instance(s)",
+                    upstream,
+                    up.servers.len()
+                );
                 next.upstreams.insert(upstream.clone(), Arc::new(up));
                 touched_upstream = Some(upstream);
             }

@@ -19,9 +19,13 @@ pub async fn run(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut changes = registry.subscribe();
+    // Revisions too: a rollback or an admin change may bring back a membership the
+    // registry no longer has; the next pass puts the registry's back.
+    let mut revisions = controller.subscribe();
     let mut conflicts: HashSet<String> = HashSet::new();
     loop {
         changes.borrow_and_update();
+        revisions.borrow_and_update();
         let derived = registry.upstreams();
         let c = controller.clone();
         let result = tokio::task::spawn_blocking(move || sync(&c, derived)).await;
@@ -37,6 +41,7 @@ pub async fn run(
         }
         tokio::select! {
             r = changes.changed() => if r.is_err() { break },
+            r = revisions.changed() => if r.is_err() { break },
             _ = stop.changed() => break,
         }
     }

@@ -185,6 +185,35 @@ async fn registered_services_become_upstreams() {
         .await
     );
 
+    // A rollback to a revision where web-a was still a member: the bridge restores the
+    // registry's membership right after.
+    let (_, revs) = gw.admin("GET", "/v1/revisions?limit=100", None).await;
+    let with_a = revs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| {
+            r["summary"]
+                .as_str()
+                .unwrap()
+                .contains("registry sync of web: 2")
+        })
+        .unwrap()["number"]
+        .as_u64()
+        .unwrap();
+    gw.ok(
+        "POST",
+        &format!("/v1/revisions/{with_a}/rollback"),
+        json!(null),
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            live(&gw, "web", a.addr).await == serde_json::Value::Null
+        })
+        .await
+    );
+
     // kill -9: registrations and the registry-fed upstream come back.
     gw.kill9();
     let gw = Gateway::start(dir.path()).await;
