@@ -97,14 +97,17 @@ pub fn error_response(status: StatusCode, message: impl Into<String>) -> Respons
 
 pub async fn handle(
     worker: &Worker,
-    client: SocketAddr,
+    client: &Client,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let mut ctx = Ctx {
         worker,
         start: Instant::now(),
         route: empty_route(),
-        log: worker.access_log.as_ref().map(|_| log_entry(&req, client)),
+        log: worker
+            .access_log
+            .as_ref()
+            .map(|_| log_entry(&req, client.addr)),
     };
 
     // 1. screen
@@ -115,8 +118,13 @@ pub async fn handle(
 
     // 2. route
     let snapshot = worker.snapshots.load();
-    let raw_host = request_host(&req);
-    let host = normalize_host(raw_host.as_deref().unwrap_or(""));
+    let host_value = request_host(&req);
+    let host = normalize_host(
+        host_value
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+    );
     let Some(route) = snapshot
         .routes
         .find(&host, req.uri().path(), req.method().as_str())
@@ -148,20 +156,15 @@ pub async fn handle(
     let upgrade = is_upgrade(&req);
     let hash = match &upstream.spec.hash_key {
         Some(key) if upstream.spec.balance == Balance::ConsistentHash => {
-            hash_key(&req, client, key)
+            hash_key(&req, client.addr, key)
         }
         _ => None,
     };
 
     // 4. upstream_request (before selection: it does not depend on the server)
-    let forwarded_host = raw_host.map(|h| h.into_owned());
-    upstream_request(
-        &mut req,
-        client,
-        forwarded_host.as_deref(),
-        route.upstream_host.as_deref(),
-        upgrade,
-    );
+    let upstream_host = route.upstream_host_value.clone();
+    drop(host);
+    upstream_request(&mut req, client, host_value, upstream_host, upgrade);
     drop(snapshot);
 
     if upgrade {
@@ -254,17 +257,14 @@ fn screen(req: &Request<Incoming>) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn request_host(req: &Request<Incoming>) -> Option<std::borrow::Cow<'_, str>> {
-    if let Some(h) = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-    {
-        return Some(std::borrow::Cow::Borrowed(h));
+/// The Host header, or the authority of an HTTP/2 request.
+fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if let Some(h) = req.headers().get(header::HOST) {
+        return Some(h.clone());
     }
     req.uri()
         .authority()
-        .map(|a| std::borrow::Cow::Borrowed(a.as_str()))
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
 }
 
 fn is_upgrade(req: &Request<Incoming>) -> bool {
@@ -281,8 +281,23 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     })
 }
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
 /// Removes `Connection`, every header it names, and the fixed hop-by-hop headers.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass of cheap comparisons instead of a hashed
+    // removal per name.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if let Some(conn) = headers.get(header::CONNECTION) {
         let named: Vec<HeaderName> = conn
             .to_str()
@@ -307,11 +322,27 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// The client end of a connection, with its address ready as a header value (made once
+/// per connection, not per request).
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub addr: SocketAddr,
+    pub ip_value: HeaderValue,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Client {
+        let ip_value = HeaderValue::from_str(&addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Client { addr, ip_value }
+    }
+}
+
 fn upstream_request(
     req: &mut Request<Incoming>,
-    client: SocketAddr,
-    client_host: Option<&str>,
-    upstream_host: Option<&str>,
+    client: &Client,
+    client_host: Option<HeaderValue>,
+    upstream_host: Option<HeaderValue>,
     upgrade: bool,
 ) {
     // Origin-form target; HTTP/2 requests arrive in absolute form.
@@ -331,25 +362,24 @@ fn upstream_request(
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    let ip = client.ip().to_string();
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
-        _ => ip.clone(),
+        Some(prev) if !prev.is_empty() => {
+            HeaderValue::from_str(&format!("{prev}, {}", client.addr.ip())).ok()
+        }
+        _ => Some(client.ip_value.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    if let Ok(v) = HeaderValue::from_str(&ip) {
-        headers.insert(X_REAL_IP.clone(), v);
-    }
+    headers.insert(X_REAL_IP.clone(), client.ip_value.clone());
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    if let Some(h) = client_host.and_then(|h| HeaderValue::from_str(h).ok()) {
-        headers.insert(X_FORWARDED_HOST.clone(), h.clone());
+    if let Some(h) = client_host {
         if !headers.contains_key(header::HOST) {
-            headers.insert(header::HOST, h);
+            headers.insert(header::HOST, h.clone());
         }
+        headers.insert(X_FORWARDED_HOST.clone(), h);
     }
-    if let Some(h) = upstream_host.and_then(|h| HeaderValue::from_str(h).ok()) {
+    if let Some(h) = upstream_host {
         headers.insert(header::HOST, h);
     }
 }

@@ -11,6 +11,8 @@ pub struct RouteEntry {
     pub route: Arc<Route>,
     pub id: Arc<str>,
     pub upstream: Arc<str>,
+    /// `upstream_host` ready to send.
+    pub upstream_host_value: Option<http::HeaderValue>,
 }
 
 impl std::ops::Deref for RouteEntry {
@@ -36,6 +38,10 @@ impl RouteTable {
                 route: route.clone(),
                 id: Arc::from(route.id.as_str()),
                 upstream: Arc::from(route.upstream.as_str()),
+                upstream_host_value: route
+                    .upstream_host
+                    .as_deref()
+                    .and_then(|h| http::HeaderValue::from_str(h).ok()),
             });
             if route.hosts.is_empty() {
                 table.any.push(entry.clone());

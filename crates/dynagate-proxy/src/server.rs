@@ -5,7 +5,7 @@
 use crate::access_log::AccessLog;
 use crate::body::ProxyBody;
 use crate::pool::Pool;
-use crate::proxy::{handle, GlobalCounters, Worker};
+use crate::proxy::{handle, Client, GlobalCounters, Worker};
 use crate::runtime::Snapshot;
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
@@ -176,9 +176,11 @@ async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let worker = worker.clone();
+                let client = Arc::new(Client::new(peer));
                 let service = service_fn(move |req| {
                     let worker = worker.clone();
-                    async move { Ok::<_, Infallible>(handle(&worker, peer, req).await) }
+                    let client = client.clone();
+                    async move { Ok::<_, Infallible>(handle(&worker, &client, req).await) }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
                 let conn = graceful.watch(conn);

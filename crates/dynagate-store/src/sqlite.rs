@@ -12,6 +12,8 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
     /// Revisions kept for listing and rollback.
     retain: u64,
+    /// The checkpoint thread runs while this lives.
+    _checkpointer_alive: Arc<()>,
 }
 
 impl SqliteStore {
@@ -45,9 +47,30 @@ impl SqliteStore {
              PRAGMA user_version = 1;
              COMMIT;",
         )?;
+        // Checkpoints move the WAL into the database file and fsync it. Done inline, every
+        // ~1000th commit would pay for that; a background thread does it instead, so a
+        // commit costs one WAL append and its fsync.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let checkpointer = Connection::open(path)?;
+        checkpointer.busy_timeout(std::time::Duration::from_secs(5))?;
+        let alive = Arc::new(());
+        let watch = Arc::downgrade(&alive);
+        std::thread::Builder::new()
+            .name("dynagate-checkpoint".into())
+            .spawn(move || {
+                while watch.upgrade().is_some() {
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                    if let Err(e) =
+                        checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        eprintln!("dynagate: WAL checkpoint failed: {e}");
+                    }
+                }
+            })?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
             retain: retain.max(1),
+            _checkpointer_alive: alive,
         })
     }
 }
