@@ -310,19 +310,15 @@ pub fn server_statuses(up: &UpstreamRuntime) -> Vec<ServerStatus> {
         .map(|(i, s)| {
             let st = &s.stats;
             let classes = st.class_totals();
-            let counts: Vec<u64> = st
-                .latency_buckets
-                .iter()
-                .map(|b| b.load(Ordering::Relaxed))
-                .collect();
+            let counts = st.latency_counts();
             ServerStatus {
                 address: s.spec.address.clone(),
                 weight: s.spec.weight,
                 state: s.spec.state,
                 backup: s.spec.backup,
                 zone: s.spec.zone.clone(),
-                in_flight: st.in_flight.load(Ordering::Relaxed),
-                requests: st.requests.load(Ordering::Relaxed),
+                in_flight: st.in_flight(),
+                requests: st.requests(),
                 failures: st.failures.load(Ordering::Relaxed),
                 passive_unhealthy: st.passive_skipped(now),
                 health: st.health().as_str(),
@@ -344,7 +340,7 @@ pub fn server_statuses(up: &UpstreamRuntime) -> Vec<ServerStatus> {
                     bounds_ms: &LATENCY_BOUNDS_MS,
                     count: counts.iter().sum(),
                     counts,
-                    sum_ms: st.latency_sum_us.load(Ordering::Relaxed) as f64 / 1000.0,
+                    sum_ms: st.latency_sum_us() as f64 / 1000.0,
                 },
             }
         })

@@ -40,7 +40,7 @@ pub fn render(controller: &Controller) -> String {
     for name in &names {
         let up = &snapshot.upstreams[*name];
         for s in &up.servers {
-            for (route, counts) in s.stats.by_route.lock().iter() {
+            for (route, counts) in s.stats.by_route().iter() {
                 for (i, n) in counts.iter().enumerate() {
                     if *n > 0 {
                         let _ = writeln!(
@@ -100,21 +100,22 @@ pub fn render(controller: &Controller) -> String {
                 esc(name),
                 esc(&s.spec.address)
             );
+            let counts = s.stats.latency_counts();
             let mut cumulative = 0;
             for (i, bound) in LATENCY_BOUNDS_MS.iter().enumerate() {
-                cumulative += s.stats.latency_buckets[i].load(Ordering::Relaxed);
+                cumulative += counts[i];
                 let _ = writeln!(
                     out,
                     "dynagate_upstream_response_seconds_bucket{{{labels},le=\"{}\"}} {cumulative}",
                     bound / 1000.0
                 );
             }
-            cumulative += s.stats.latency_buckets[LATENCY_BOUNDS_MS.len()].load(Ordering::Relaxed);
+            cumulative += counts[LATENCY_BOUNDS_MS.len()];
             let _ = writeln!(
                 out,
                 "dynagate_upstream_response_seconds_bucket{{{labels},le=\"+Inf\"}} {cumulative}"
             );
-            let sum = s.stats.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+            let sum = s.stats.latency_sum_us() as f64 / 1e6;
             let _ = writeln!(
                 out,
                 "dynagate_upstream_response_seconds_sum{{{labels}}} {sum}"
@@ -132,7 +133,7 @@ pub fn render(controller: &Controller) -> String {
             "dynagate_server_in_flight",
             "gauge",
             "Requests in flight.",
-            |u, i, _| u.servers[i].stats.in_flight.load(Ordering::Relaxed) as f64,
+            |u, i, _| u.servers[i].stats.in_flight() as f64,
         ),
         (
             "dynagate_server_failures_total",

@@ -87,8 +87,9 @@ pub struct Pick<'a> {
 pub struct UpstreamRuntime {
     pub spec: Arc<Upstream>,
     pub servers: Vec<ServerRuntime>,
-    /// Smooth weighted round robin: the current weight of each server.
-    rr_current: Mutex<Vec<i64>>,
+    /// Smooth weighted round robin: the current weight of each server, one vector per
+    /// worker (as nginx keeps one per worker process), so workers never share it.
+    rr_current: Box<[Mutex<Vec<i64>>]>,
     /// Rotates tie-breaks of `least_conn`.
     rotation: AtomicUsize,
     ring: Ring,
@@ -98,7 +99,9 @@ impl UpstreamRuntime {
     /// Builds the runtime form of `spec`, taking over the live records and balancer
     /// positions of the servers `previous` already had.
     pub fn build(spec: Arc<Upstream>, previous: Option<&UpstreamRuntime>) -> UpstreamRuntime {
-        let prev_rr = previous.map(|p| p.rr_current.lock().clone());
+        let shards = crate::stats::shard_count();
+        let prev_rr: Option<Vec<Vec<i64>>> =
+            previous.map(|p| p.rr_current.iter().map(|m| m.lock().clone()).collect());
         // Index of each previous server by address: large upstreams stay O(n).
         let prev_index: HashMap<&str, usize> = previous
             .map(|p| {
@@ -109,7 +112,7 @@ impl UpstreamRuntime {
                     .collect()
             })
             .unwrap_or_default();
-        let mut rr = Vec::with_capacity(spec.servers.len());
+        let mut rr: Vec<Vec<i64>> = vec![Vec::with_capacity(spec.servers.len()); shards];
         let servers = spec
             .servers
             .iter()
@@ -132,10 +135,14 @@ impl UpstreamRuntime {
                     }
                     None => Arc::new(ServerStats::new_now()),
                 };
-                rr.push(match (old, &prev_rr) {
-                    (Some(i), Some(prev)) => prev.get(i).copied().unwrap_or(0),
-                    _ => 0,
-                });
+                for (k, shard) in rr.iter_mut().enumerate() {
+                    shard.push(match (old, &prev_rr) {
+                        (Some(i), Some(prev)) => {
+                            prev.get(k).and_then(|v| v.get(i)).copied().unwrap_or(0)
+                        }
+                        _ => 0,
+                    });
+                }
                 let target = match s.address.parse::<SocketAddr>() {
                     Ok(addr) => Target::Addr(addr),
                     Err(_) => Target::Name(Arc::from(s.address.as_str())),
@@ -172,7 +179,7 @@ impl UpstreamRuntime {
         UpstreamRuntime {
             spec,
             servers,
-            rr_current: Mutex::new(rr),
+            rr_current: rr.into_iter().map(Mutex::new).collect(),
             rotation: AtomicUsize::new(0),
             ring,
         }
@@ -218,10 +225,7 @@ impl UpstreamRuntime {
             let saturation = self.spec.local_saturation as u64;
             let local_ok = |i: usize| {
                 let s = &self.servers[i];
-                s.local
-                    && !s.spec.backup
-                    && s.stats.in_flight.load(Ordering::Relaxed) < saturation
-                    && usable(i)
+                s.local && !s.spec.backup && s.stats.in_flight() < saturation && usable(i)
             };
             if let Some(i) = self.swrr(now, local_ok) {
                 return Some(i);
@@ -250,7 +254,8 @@ impl UpstreamRuntime {
     }
 
     fn swrr(&self, now: u64, ok: impl Fn(usize) -> bool) -> Option<usize> {
-        let mut current = self.rr_current.lock();
+        let shard = crate::stats::current_shard() % self.rr_current.len();
+        let mut current = self.rr_current[shard].lock();
         let mut total: i64 = 0;
         let mut best: Option<usize> = None;
         for i in 0..self.servers.len() {
@@ -281,7 +286,7 @@ impl UpstreamRuntime {
             if !ok(i) {
                 continue;
             }
-            let load = self.servers[i].stats.in_flight.load(Ordering::Relaxed) + 1;
+            let load = self.servers[i].stats.in_flight() + 1;
             let weight = self.effective_weight(i, now);
             // load/weight < best_load/best_weight, without division.
             if best.is_none_or(|(_, bl, bw)| {
@@ -325,8 +330,7 @@ impl UpstreamRuntime {
         };
         let cost = |i: usize| {
             let s = &self.servers[i].stats;
-            s.ewma_us() * (s.in_flight.load(Ordering::Relaxed) + 1) as f64
-                / self.effective_weight(i, now) as f64
+            s.ewma_us() * (s.in_flight() + 1) as f64 / self.effective_weight(i, now) as f64
         };
         Some(if cost(b) < cost(a) { b } else { a })
     }

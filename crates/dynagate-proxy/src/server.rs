@@ -82,6 +82,7 @@ pub fn start(
     for _ in 1..workers {
         listeners.push(bind(local_addr, true)?);
     }
+    crate::stats::set_shard_count(workers + 1);
     let (stop, stop_rx) = watch::channel(None);
     let mut threads = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {
@@ -96,6 +97,7 @@ pub fn start(
         let thread = std::thread::Builder::new()
             .name(format!("dynagate-worker-{i}"))
             .spawn(move || {
+                crate::stats::set_worker_shard(i);
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

@@ -5,9 +5,51 @@
 //! health survives unrelated configuration changes).
 
 use parking_lot::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+// Counters written on every request are kept per worker thread ("shard"), so two workers
+// serving the same server never write the same cache line; readers add the shards up.
+// Shard 0 is for threads that are not data-plane workers.
+static SHARDS: AtomicUsize = AtomicUsize::new(1);
+
+thread_local! {
+    static SHARD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Sets how many shards records have: one per worker plus one. Call before building
+/// records (at start).
+pub fn set_shard_count(n: usize) {
+    SHARDS.store(n.max(1), Ordering::Relaxed);
+}
+
+pub fn shard_count() -> usize {
+    SHARDS.load(Ordering::Relaxed)
+}
+
+/// Marks the calling thread as worker `i` (shard `i + 1`).
+pub fn set_worker_shard(i: usize) {
+    SHARD.with(|s| s.set(i + 1));
+}
+
+pub fn current_shard() -> usize {
+    SHARD.with(|s| s.get())
+}
+
+/// One worker's share of a server's per-request counters, on its own cache lines.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct Shard {
+    in_flight: AtomicI64,
+    requests: AtomicU64,
+    latency_buckets: [AtomicU64; LATENCY_BOUNDS_MS.len() + 1],
+    latency_sum_us: AtomicU64,
+    /// Responses by route and status class. Few routes point at one server: a short
+    /// list beats a map.
+    by_route: Mutex<Vec<(Arc<str>, ClassCounts)>>,
+}
 
 /// Milliseconds on a monotonic clock private to this process (never 0).
 pub fn mono_ms() -> u64 {
@@ -60,8 +102,8 @@ pub type ClassCounts = [u64; 5];
 
 #[derive(Debug)]
 pub struct ServerStats {
-    pub in_flight: AtomicU64,
-    pub requests: AtomicU64,
+    /// Per-worker counters, each allocated when its worker first serves this server.
+    shards: Box<[OnceLock<Box<Shard>>]>,
     /// Failed attempts: connect errors, timeouts, broken responses.
     pub failures: AtomicU64,
     /// Wall-clock time of the last change of admin state, health or ejection.
@@ -88,19 +130,12 @@ pub struct ServerStats {
     /// Peak-EWMA of response-head latency in microseconds (f64 bits), and its time.
     ewma_us: AtomicU64,
     ewma_at_ms: AtomicU64,
-
-    pub latency_buckets: [AtomicU64; LATENCY_BOUNDS_MS.len() + 1],
-    pub latency_sum_us: AtomicU64,
-    /// Responses by route and status class. Few routes point at one server: a short
-    /// list beats a map.
-    pub by_route: Mutex<Vec<(Arc<str>, ClassCounts)>>,
 }
 
 impl Default for ServerStats {
     fn default() -> Self {
         ServerStats {
-            in_flight: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
+            shards: (0..shard_count()).map(|_| OnceLock::new()).collect(),
             failures: AtomicU64::new(0),
             last_state_change_ms: AtomicU64::new(unix_ms()),
             window_fails: AtomicU32::new(0),
@@ -115,9 +150,6 @@ impl Default for ServerStats {
             available_since_ms: AtomicU64::new(mono_ms()),
             ewma_us: AtomicU64::new(DEFAULT_EWMA_US.to_bits()),
             ewma_at_ms: AtomicU64::new(0),
-            latency_buckets: Default::default(),
-            latency_sum_us: AtomicU64::new(0),
-            by_route: Mutex::new(Vec::new()),
         }
     }
 }
@@ -130,6 +162,64 @@ const EWMA_TAU_MS: f64 = 10_000.0;
 impl ServerStats {
     pub fn new_now() -> Self {
         ServerStats::default()
+    }
+
+    fn shard_at(&self, i: usize) -> &Shard {
+        self.shards[i % self.shards.len()].get_or_init(Box::default)
+    }
+
+    fn shards(&self) -> impl Iterator<Item = &Shard> {
+        self.shards.iter().filter_map(|s| s.get().map(|b| &**b))
+    }
+
+    /// Requests being served now.
+    pub fn in_flight(&self) -> u64 {
+        self.shards()
+            .map(|s| s.in_flight.load(Ordering::Relaxed))
+            .sum::<i64>()
+            .max(0) as u64
+    }
+
+    /// Requests sent to this server.
+    pub fn requests(&self) -> u64 {
+        self.shards()
+            .map(|s| s.requests.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Latency histogram counts (not cumulative), one per bound plus one above.
+    pub fn latency_counts(&self) -> Vec<u64> {
+        let mut counts = vec![0; LATENCY_BOUNDS_MS.len() + 1];
+        for s in self.shards() {
+            for (c, b) in counts.iter_mut().zip(&s.latency_buckets) {
+                *c += b.load(Ordering::Relaxed);
+            }
+        }
+        counts
+    }
+
+    pub fn latency_sum_us(&self) -> u64 {
+        self.shards()
+            .map(|s| s.latency_sum_us.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Responses by route and status class, added up over the workers.
+    pub fn by_route(&self) -> Vec<(Arc<str>, ClassCounts)> {
+        let mut out: Vec<(Arc<str>, ClassCounts)> = Vec::new();
+        for s in self.shards() {
+            for (route, counts) in s.by_route.lock().iter() {
+                match out.iter_mut().find(|(r, _)| r == route) {
+                    Some((_, total)) => {
+                        for (t, c) in total.iter_mut().zip(counts) {
+                            *t += c;
+                        }
+                    }
+                    None => out.push((route.clone(), *counts)),
+                }
+            }
+        }
+        out
     }
 
     fn mark_changed(&self) {
@@ -231,8 +321,9 @@ impl ServerStats {
     /// Records one response: latency, status class by route, EWMA.
     pub fn record_response(&self, route: &Arc<str>, status: u16, elapsed_us: u64) {
         let class = ((status / 100).clamp(1, 5) - 1) as usize;
+        let shard = self.shard_at(current_shard());
         {
-            let mut by_route = self.by_route.lock();
+            let mut by_route = shard.by_route.lock();
             match by_route
                 .iter_mut()
                 .find(|(r, _)| Arc::ptr_eq(r, route) || **r == **route)
@@ -250,15 +341,17 @@ impl ServerStats {
             .iter()
             .position(|b| ms <= *b)
             .unwrap_or(LATENCY_BOUNDS_MS.len());
-        self.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_us.fetch_add(elapsed_us, Ordering::Relaxed);
+        shard.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        shard
+            .latency_sum_us
+            .fetch_add(elapsed_us, Ordering::Relaxed);
         self.observe_latency(elapsed_us as f64);
     }
 
     /// Responses by status class over all routes.
     pub fn class_totals(&self) -> ClassCounts {
         let mut total = [0; 5];
-        for (_, counts) in self.by_route.lock().iter() {
+        for (_, counts) in self.by_route() {
             for (t, c) in total.iter_mut().zip(counts) {
                 *t += c;
             }
@@ -295,21 +388,32 @@ impl ServerStats {
     }
 }
 
-/// Counts a request as in flight on a server until dropped.
+/// Counts a request as in flight on a server until dropped (on the shard it started on).
 #[derive(Debug)]
-pub struct InFlight(Arc<ServerStats>);
+pub struct InFlight {
+    stats: Arc<ServerStats>,
+    shard: usize,
+}
 
 impl InFlight {
     pub fn start(stats: &Arc<ServerStats>) -> Self {
-        stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        stats.requests.fetch_add(1, Ordering::Relaxed);
-        InFlight(stats.clone())
+        let shard = current_shard();
+        let s = stats.shard_at(shard);
+        s.in_flight.fetch_add(1, Ordering::Relaxed);
+        s.requests.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            stats: stats.clone(),
+            shard,
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.stats
+            .shard_at(self.shard)
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 

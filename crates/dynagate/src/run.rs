@@ -44,6 +44,8 @@ pub fn run(settings: Settings) -> Result<(), String> {
     let store = SqliteStore::open(&db, settings.revisions_retained)
         .map_err(|e| format!("{}: {e}", db.display()))?;
     dynagate_proxy::runtime::set_zone(settings.zone.clone());
+    // Per-worker counter shards: known before the stored state builds its records.
+    dynagate_proxy::stats::set_shard_count(settings.worker_count() + 1);
     let controller = Arc::new(Controller::open(Arc::new(store)).map_err(|e| e.to_string())?);
     tracing::info!(
         revision = controller.revision(),
