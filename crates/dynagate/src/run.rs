@@ -14,6 +14,20 @@ pub const RUN_FILE: &str = "run.json";
 
 pub fn run(settings: Settings) -> Result<(), String> {
     let data_dir = &settings.data_dir;
+    for (what, addr) in [
+        ("admin API", settings.admin_listen),
+        ("registry", settings.registry_listen),
+    ] {
+        if !addr.ip().is_loopback() && !(what == "registry" && !settings.registry.enabled) {
+            tracing::warn!(%addr, "the {what} listens beyond loopback: keep it on a private network");
+        }
+    }
+    if settings.registry.enabled
+        && settings.registry.token.is_none()
+        && !settings.registry_listen.ip().is_loopback()
+    {
+        tracing::warn!("the registry accepts writes without a token from beyond loopback; set [registry] token");
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
