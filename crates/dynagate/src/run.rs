@@ -14,11 +14,12 @@ pub const RUN_FILE: &str = "run.json";
 
 pub fn run(settings: Settings) -> Result<(), String> {
     let data_dir = &settings.data_dir;
-    for (what, addr) in [
-        ("admin API", settings.admin_listen),
-        ("registry", settings.registry_listen),
-    ] {
-        if !addr.ip().is_loopback() && !(what == "registry" && !settings.registry.enabled) {
+    let mut exposed = vec![("admin API", settings.admin_listen)];
+    if settings.registry.enabled {
+        exposed.push(("registry", settings.registry_listen));
+    }
+    for (what, addr) in exposed {
+        if !addr.ip().is_loopback() {
             tracing::warn!(%addr, "the {what} listens beyond loopback: keep it on a private network");
         }
     }

@@ -6,6 +6,9 @@
 //! Screenshots land in `<target>/tmp/dynagate-ui/` (`login.png`, `traffic.png`,
 //! `dashboard.png`, `registry.png`, and `failure.png` when a step fails).
 
+// The same real-servers harness as the end-to-end tests; this test uses part of it.
+#[allow(dead_code)]
+#[path = "../e2e/harness.rs"]
 mod harness;
 
 use harness::{Backend, Gateway, TempDir};
@@ -106,10 +109,11 @@ async fn dashboard_in_headless_chromium() {
     )
     .await;
     for _ in 0..4 {
-        assert_eq!(gw.get("/").await.0, 200);
+        assert_eq!(gw.get("x", "/").await.0, 200);
     }
     // A service in the real registry, with a TTL check, for the registry section.
-    let register = http::Request::put(format!("http://{}/v1/agent/service/register", gw.registry))
+    let registry = gw.registry.expect("registry enabled");
+    let register = http::Request::put(format!("http://{registry}/v1/agent/service/register"))
         .body(harness::full(
             json!({"Name": "billing", "ID": "billing-1", "Port": 9, "Tags": ["v2"],
                    "Check": {"TTL": "60s", "Status": "passing", "Name": "billing heartbeat"}})
@@ -129,7 +133,7 @@ async fn dashboard_in_headless_chromium() {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                let _ = gw.get(&format!("/?ms={}", i % 7 * 3)).await;
+                let _ = gw.get("x", &format!("/slow?ms={}", i % 7 * 3)).await;
                 tokio::time::sleep(Duration::from_millis(40)).await;
             }
         })
@@ -185,7 +189,7 @@ async fn dashboard_in_headless_chromium() {
                     // With retries, every request still succeeds, through the live server,
                     // and the failed attempts mark the dead one (max_fails 1).
                     for _ in 0..6 {
-                        let (status, backend) = gw.get("/").await;
+                        let (status, backend, _) = gw.get("x", "/").await;
                         assert_eq!((status, backend.as_str()), (200, "live"));
                     }
                     let s = server(&gw, "shop", &doomed_addr).await;
