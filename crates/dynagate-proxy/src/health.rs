@@ -6,14 +6,12 @@
 use crate::runtime::{unix_ms, Health, ServerStats, Snapshot, Target, UpstreamRuntime};
 use crate::stats::CheckResult;
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use dynagate_model::{CheckKind, HealthCheck};
-use http_body_util::{BodyExt, Empty};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -204,18 +202,16 @@ async fn run(
     // Spread the first checks over one interval so they never come in a burst.
     let first = crate::balance::random_u64() % (check.interval.as_millis() as u64).max(1);
     tokio::time::sleep(Duration::from_millis(first)).await;
-    let mut conn: Option<SendRequest<Empty<Bytes>>> = None;
+    let mut prober = Prober::new(&check, &address);
     let mut passes = 0u32;
     let mut fails = 0u32;
     loop {
         let outcome = {
             let _permit = permits.acquire().await;
-            match tokio::time::timeout(check.timeout, probe(&check, &target, &address, &mut conn))
-                .await
-            {
+            match tokio::time::timeout(check.timeout, prober.probe(&check, &target)).await {
                 Ok(r) => r,
                 Err(_) => {
-                    conn = None; // a hung connection is not reused
+                    prober.conn = None; // a hung connection is not reused
                     Err(format!("no answer within {:?}", check.timeout))
                 }
             }
@@ -252,96 +248,240 @@ async fn run(
     }
 }
 
-async fn connect(target: &Target) -> std::io::Result<tokio::net::TcpStream> {
+async fn connect(target: &Target) -> std::io::Result<TcpStream> {
     let stream = match target {
-        Target::Addr(a) => tokio::net::TcpStream::connect(a).await?,
-        Target::Name(n) => tokio::net::TcpStream::connect(&**n).await?,
+        Target::Addr(a) => TcpStream::connect(a).await?,
+        Target::Name(n) => TcpStream::connect(&**n).await?,
     };
     let _ = stream.set_nodelay(true);
     Ok(stream)
 }
 
-async fn probe(
-    check: &HealthCheck,
-    target: &Target,
-    address: &str,
-    conn: &mut Option<SendRequest<Empty<Bytes>>>,
-) -> Result<String, String> {
-    if check.kind == CheckKind::Tcp {
-        connect(target).await.map_err(|e| format!("connect: {e}"))?;
-        return Ok("TCP connect ok".into());
-    }
-    // HTTP: reuse one keep-alive connection per server while it lasts.
-    if conn.as_ref().is_none_or(|c| c.is_closed()) {
-        let stream = connect(target).await.map_err(|e| format!("connect: {e}"))?;
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        *conn = Some(sender);
-    }
-    let sender = conn.as_mut().expect("set above");
-    sender
-        .ready()
-        .await
-        .map_err(|e| format!("connection: {e}"))?;
-    let mut req = http::Request::builder()
-        .method(check.method.as_str())
-        .uri(check.path.as_str())
-        .header(http::header::HOST, check.host.as_deref().unwrap_or(address))
-        .header(http::header::USER_AGENT, "dynagate-health-check");
-    for (k, v) in &check.headers {
-        req = req.header(k.as_str(), v.as_str());
-    }
-    let req = req
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("request: {e}"))?;
-    let resp = match sender.send_request(req).await {
-        Ok(r) => r,
-        Err(e) => {
-            *conn = None;
-            return Err(format!("request failed: {e}"));
+/// A minimal HTTP/1.1 client for checks, run inside the check's own task: the request
+/// is bytes prepared once, the response is parsed in a reused buffer, and the keep-alive
+/// connection is kept while the server allows it. Ten thousand checked servers cost ten
+/// thousand small tasks and nothing else (no connection task, no channel per check).
+struct Prober {
+    request: Vec<u8>,
+    head_only: bool,
+    conn: Option<TcpStream>,
+    buf: Vec<u8>,
+}
+
+/// How a response body ends.
+enum Framing {
+    None,
+    Length(usize),
+    Chunked,
+    UntilClose,
+}
+
+/// A body read to its end (`reusable`: the connection can carry the next check).
+struct Body {
+    bytes: Vec<u8>,
+    reusable: bool,
+}
+
+impl Prober {
+    fn new(check: &HealthCheck, address: &str) -> Prober {
+        let mut request = format!(
+            "{} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: dynagate-health-check\r\n",
+            check.method,
+            check.path,
+            check.host.as_deref().unwrap_or(address)
+        );
+        for (k, v) in &check.headers {
+            request.push_str(&format!("{k}: {v}\r\n"));
         }
-    };
-    let status = resp.status().as_u16();
-    let status_ok = if check.expected_statuses.is_empty() {
-        (200..400).contains(&status)
-    } else {
-        check.expected_statuses.contains(&status)
-    };
-    if let Some(needle) = &check.body_contains {
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
-            .collect()
-            .await;
-        let body = match body {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                *conn = None;
-                return Err(format!("HTTP {status}: body: {e}"));
+        request.push_str("\r\n");
+        Prober {
+            request: request.into_bytes(),
+            head_only: check.method == "HEAD",
+            conn: None,
+            buf: Vec::with_capacity(1024),
+        }
+    }
+
+    async fn probe(&mut self, check: &HealthCheck, target: &Target) -> Result<String, String> {
+        if check.kind == CheckKind::Tcp {
+            connect(target).await.map_err(|e| format!("connect: {e}"))?;
+            return Ok("TCP connect ok".into());
+        }
+        // A kept connection the server has closed meanwhile fails before any answer:
+        // then once more on a fresh connection.
+        let reused = self.conn.is_some();
+        let mut result = self.exchange(check, target).await;
+        if reused && matches!(&result, Err(e) if e.starts_with("stale")) {
+            result = self.exchange(check, target).await;
+        }
+        if result.is_err() {
+            self.conn = None;
+        }
+        result.map_err(|e| e.trim_start_matches("stale ").to_string())
+    }
+
+    async fn exchange(&mut self, check: &HealthCheck, target: &Target) -> Result<String, String> {
+        let conn = match self.conn.take() {
+            Some(c) => c,
+            None => connect(target).await.map_err(|e| format!("connect: {e}"))?,
+        };
+        let conn = self.conn.insert(conn);
+        if let Err(e) = conn.write_all(&self.request).await {
+            return Err(format!("stale request: {e}"));
+        }
+        self.buf.clear();
+        let (status, framing, close) = loop {
+            if read_more(conn, &mut self.buf).await? == 0 {
+                return Err("stale connection closed before a response".into());
             }
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut resp = httparse::Response::new(&mut headers);
+            match resp.parse(&self.buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let status = resp.code.unwrap_or(0);
+                    let mut framing = Framing::UntilClose;
+                    let mut close = resp.version == Some(0);
+                    for h in resp.headers.iter() {
+                        if h.name.eq_ignore_ascii_case("content-length") {
+                            let n = std::str::from_utf8(h.value)
+                                .ok()
+                                .and_then(|v| v.trim().parse().ok())
+                                .ok_or("bad Content-Length")?;
+                            framing = Framing::Length(n);
+                        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                            framing = Framing::Chunked;
+                        } else if h.name.eq_ignore_ascii_case("connection") {
+                            close |= h.value.eq_ignore_ascii_case(b"close");
+                        }
+                    }
+                    if self.head_only || status == 204 || status == 304 || status / 100 == 1 {
+                        framing = Framing::None;
+                    }
+                    self.buf.drain(..len);
+                    break (status, framing, close);
+                }
+                Ok(httparse::Status::Partial) if self.buf.len() < MAX_BODY => continue,
+                Ok(httparse::Status::Partial) => return Err("response head too large".into()),
+                Err(e) => return Err(format!("bad response: {e}")),
+            }
+        };
+        let body = read_body(conn, &mut self.buf, framing).await?;
+        if close || !body.reusable {
+            self.conn = None;
+        }
+        let status_ok = if check.expected_statuses.is_empty() {
+            (200..400).contains(&status)
+        } else {
+            check.expected_statuses.contains(&status)
         };
         if !status_ok {
             return Err(format!("HTTP {status} is not an expected status"));
         }
-        if !body
-            .windows(needle.len().max(1))
-            .any(|w| w == needle.as_bytes())
-        {
-            return Err(format!("HTTP {status}: body lacks {needle:?}"));
+        if let Some(needle) = &check.body_contains {
+            let found = body
+                .bytes
+                .windows(needle.len().max(1))
+                .any(|w| w == needle.as_bytes());
+            if !found {
+                return Err(format!("HTTP {status}: body lacks {needle:?}"));
+            }
         }
-        return Ok(format!("HTTP {status}"));
-    }
-    // Drain the body so the connection can be reused.
-    let _ = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
-        .collect()
-        .await;
-    if status_ok {
         Ok(format!("HTTP {status}"))
-    } else {
-        Err(format!("HTTP {status} is not an expected status"))
     }
+}
+
+/// Reads a response body; keeps at most `MAX_BODY` bytes of it.
+async fn read_body(
+    conn: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    framing: Framing,
+) -> Result<Body, String> {
+    match framing {
+        Framing::None => Ok(Body {
+            bytes: Vec::new(),
+            reusable: true,
+        }),
+        Framing::Length(n) => {
+            while buf.len() < n {
+                if n > MAX_BODY && buf.len() > MAX_BODY {
+                    // Too large to keep: take what we have, drop the connection.
+                    return Ok(Body {
+                        bytes: std::mem::take(buf),
+                        reusable: false,
+                    });
+                }
+                if read_more(conn, buf).await? == 0 {
+                    return Err("connection closed inside the body".into());
+                }
+            }
+            Ok(Body {
+                bytes: buf.drain(..n).collect(),
+                reusable: true,
+            })
+        }
+        Framing::UntilClose => {
+            while buf.len() <= MAX_BODY && read_more(conn, buf).await? > 0 {}
+            Ok(Body {
+                bytes: std::mem::take(buf),
+                reusable: false,
+            })
+        }
+        Framing::Chunked => {
+            let mut bytes = Vec::new();
+            loop {
+                let line_end = loop {
+                    if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                        break i;
+                    }
+                    if buf.len() > 1024 || read_more(conn, buf).await? == 0 {
+                        return Err("bad chunked body".into());
+                    }
+                };
+                let size = std::str::from_utf8(&buf[..line_end])
+                    .ok()
+                    .and_then(|t| usize::from_str_radix(t.split(';').next()?.trim(), 16).ok())
+                    .ok_or("bad chunk size")?;
+                if size == 0 {
+                    // The last chunk; a health endpoint sends no trailers.
+                    while buf.len() < line_end + 4 {
+                        if read_more(conn, buf).await? == 0 {
+                            return Ok(Body {
+                                bytes,
+                                reusable: false,
+                            });
+                        }
+                    }
+                    let reusable = &buf[line_end + 2..line_end + 4] == b"\r\n";
+                    buf.drain(..line_end + 4);
+                    return Ok(Body { bytes, reusable });
+                }
+                if bytes.len() + size > MAX_BODY {
+                    return Ok(Body {
+                        bytes,
+                        reusable: false,
+                    });
+                }
+                let need = line_end + 2 + size + 2;
+                while buf.len() < need {
+                    if read_more(conn, buf).await? == 0 {
+                        return Err("connection closed inside the body".into());
+                    }
+                }
+                bytes.extend_from_slice(&buf[line_end + 2..line_end + 2 + size]);
+                buf.drain(..need);
+            }
+        }
+    }
+}
+
+async fn read_more(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Result<usize, String> {
+    let mut chunk = [0u8; 4096];
+    let n = conn
+        .read(&mut chunk)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n)
 }
 
 #[cfg(test)]
@@ -365,6 +505,59 @@ mod tests {
 
     fn tcp_check() -> HealthCheck {
         serde_json::from_str(r#"{"type":"tcp","interval":"1s","timeout":"100ms"}"#).unwrap()
+    }
+
+    /// A server that answers each request on a connection with the next canned response.
+    async fn canned(responses: Vec<&'static [u8]>) -> Target {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            for r in responses {
+                let mut buf = [0u8; 1024];
+                if s.read(&mut buf).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                s.write_all(r).await.unwrap();
+            }
+        });
+        Target::Addr(addr)
+    }
+
+    #[tokio::test]
+    async fn prober_reads_each_framing_and_reuses_the_connection() {
+        let mut check: HealthCheck =
+            serde_json::from_str(r#"{"type":"http","body_contains":"ok"}"#).unwrap();
+        let target = canned(vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\no\r\n1\r\nk\r\n0\r\n\r\n",
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnope",
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nok then",
+        ])
+        .await;
+        let mut p = Prober::new(&check, "x");
+        assert_eq!(p.probe(&check, &target).await, Ok("HTTP 200".into()));
+        assert!(p.conn.is_some(), "kept alive");
+        assert_eq!(
+            p.probe(&check, &target).await,
+            Ok("HTTP 200".into()),
+            "chunked"
+        );
+        let e = p.probe(&check, &target).await.unwrap_err();
+        assert!(e.contains("503"), "{e}");
+        assert!(p.conn.is_none(), "dropped after a failure");
+
+        // Close-delimited body; and a body without the expected text.
+        let target = canned(vec![b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall ok"]).await;
+        assert_eq!(p.probe(&check, &target).await, Ok("HTTP 200".into()));
+        assert!(p.conn.is_none());
+        let target = canned(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnope"]).await;
+        let e = p.probe(&check, &target).await.unwrap_err();
+        assert!(e.contains("lacks"), "{e}");
+        check.body_contains = None;
+        let target = canned(vec![b"HTTP/1.1 204 No Content\r\n\r\n"]).await;
+        assert_eq!(p.probe(&check, &target).await, Ok("HTTP 204".into()));
     }
 
     #[tokio::test]
