@@ -484,7 +484,8 @@ async fn send(
     let spec = &upstream.spec;
     let (parts, body) = req.into_parts();
     let replayable = is_idempotent(&parts.method) && body.is_end_stream();
-    let replay = (replayable && spec.retries > 0).then(|| Replay {
+    // A copy to send again only where a retry can happen: another server to go to.
+    let replay = (replayable && spec.retries > 0 && upstream.servers.len() > 1).then(|| Replay {
         method: parts.method.clone(),
         uri: parts.uri.clone(),
         headers: parts.headers.clone(),

@@ -46,9 +46,71 @@ pub struct Shard {
     requests: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BOUNDS_MS.len() + 1],
     latency_sum_us: AtomicU64,
-    /// Responses by route and status class. Few routes point at one server: a short
-    /// list beats a map.
-    by_route: Mutex<Vec<(Arc<str>, ClassCounts)>>,
+    /// Responses by route and status class.
+    by_route: Mutex<RouteCounters>,
+}
+
+/// Status-class counters by route. Found by the address of the route table's shared id
+/// string (one hash of a pointer per response, however many routes point here); a
+/// route table rebuilt later hands out new ids, which find their row by name once.
+#[derive(Debug, Default)]
+struct RouteCounters {
+    rows: Vec<(Arc<str>, ClassCounts)>,
+    /// Holds the id it is keyed by, so the address cannot be reused by another string.
+    by_ptr: std::collections::HashMap<usize, (Arc<str>, usize), PtrHash>,
+}
+
+/// Pointers are already well spread: a multiply-shift hash is enough.
+#[derive(Debug, Default, Clone, Copy)]
+struct PtrHash;
+
+impl std::hash::BuildHasher for PtrHash {
+    type Hasher = PtrHasher;
+    fn build_hasher(&self) -> PtrHasher {
+        PtrHasher(0)
+    }
+}
+
+#[derive(Debug, Default)]
+struct PtrHasher(u64);
+
+impl std::hash::Hasher for PtrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ *b as u64).wrapping_mul(0x100000001b3);
+        }
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (n as u64).wrapping_mul(0x9e3779b97f4a7c15);
+    }
+}
+
+impl RouteCounters {
+    fn row(&mut self, route: &Arc<str>) -> &mut ClassCounts {
+        let key = Arc::as_ptr(route) as *const u8 as usize;
+        let index = match self.by_ptr.get(&key) {
+            Some((_, i)) => *i,
+            None => {
+                // Ids of route tables long replaced: forget them (they re-resolve by name).
+                if self.by_ptr.len() > 4 * self.rows.len() + 16 {
+                    self.by_ptr.clear();
+                }
+                let i = match self.rows.iter().position(|(r, _)| **r == **route) {
+                    Some(i) => i,
+                    None => {
+                        self.rows.push((route.clone(), [0; 5]));
+                        self.rows.len() - 1
+                    }
+                };
+                self.by_ptr.insert(key, (route.clone(), i));
+                i
+            }
+        };
+        &mut self.rows[index].1
+    }
 }
 
 /// Milliseconds on a monotonic clock private to this process (never 0).
@@ -208,7 +270,7 @@ impl ServerStats {
     pub fn by_route(&self) -> Vec<(Arc<str>, ClassCounts)> {
         let mut out: Vec<(Arc<str>, ClassCounts)> = Vec::new();
         for s in self.shards() {
-            for (route, counts) in s.by_route.lock().iter() {
+            for (route, counts) in s.by_route.lock().rows.iter() {
                 match out.iter_mut().find(|(r, _)| r == route) {
                     Some((_, total)) => {
                         for (t, c) in total.iter_mut().zip(counts) {
@@ -322,20 +384,7 @@ impl ServerStats {
     pub fn record_response(&self, route: &Arc<str>, status: u16, elapsed_us: u64) {
         let class = ((status / 100).clamp(1, 5) - 1) as usize;
         let shard = self.shard_at(current_shard());
-        {
-            let mut by_route = shard.by_route.lock();
-            match by_route
-                .iter_mut()
-                .find(|(r, _)| Arc::ptr_eq(r, route) || **r == **route)
-            {
-                Some((_, counts)) => counts[class] += 1,
-                None => {
-                    let mut counts = [0; 5];
-                    counts[class] = 1;
-                    by_route.push((route.clone(), counts));
-                }
-            }
-        }
+        shard.by_route.lock().row(route)[class] += 1;
         let ms = elapsed_us as f64 / 1000.0;
         let bucket = LATENCY_BOUNDS_MS
             .iter()
@@ -444,6 +493,29 @@ mod tests {
             "{first} {second}"
         );
         assert!(third <= 2500 && third > 2000, "{third}");
+    }
+
+    #[test]
+    fn route_counters_follow_ids_across_route_table_rebuilds() {
+        let s = ServerStats::default();
+        let first: Arc<str> = Arc::from("r1");
+        let other: Arc<str> = Arc::from("r2");
+        s.record_response(&first, 200, 10);
+        s.record_response(&other, 503, 10);
+        // A rebuilt route table hands out a new id string for the same route.
+        let again: Arc<str> = Arc::from("r1");
+        s.record_response(&again, 404, 10);
+        let rows = s.by_route();
+        assert_eq!(rows.len(), 2);
+        let r1 = rows.iter().find(|(r, _)| &**r == "r1").unwrap().1;
+        assert_eq!(r1, [0, 1, 0, 1, 0]);
+        assert_eq!(s.class_totals(), [0, 1, 0, 1, 1]);
+        // Many rebuilds never grow the pointer index without bound.
+        for _ in 0..1000 {
+            let id: Arc<str> = Arc::from("r1");
+            s.record_response(&id, 200, 10);
+        }
+        assert_eq!(s.by_route().iter().find(|(r, _)| &**r == "r1").unwrap().1[1], 1001);
     }
 
     #[test]

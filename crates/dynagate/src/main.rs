@@ -1,10 +1,5 @@
 //! `dynagate`: run the gateway, check a configuration file, or drive a running gateway.
 
-// A faster allocator than glibc's for many small, short-lived allocations per request,
-// and one that returns freed memory to the system.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod bridge;
 mod ctl;
 mod run;
