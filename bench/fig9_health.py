@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""Figure 9: active health checks and balancing algorithms — issue 5 §8.
+
+1. Active checks on 10,000 servers at a 1 s interval: 10,000 upstreams of one server each,
+   the servers spread over 20 ports of one nginx (`return 200`, 1 worker, core 1), so the
+   checks succeed and HTTP checks keep their keep-alive connection. CPU of the dynagate
+   process (utime+stime of all its threads from /proc/PID/stat over a window, as % of one
+   core), with HTTP checks (`GET /`, timeout 500ms, rise 2 fall 2) and then TCP checks, minus
+   the idle CPU of the same process with the same 10,000 upstreams and no checks (measured
+   before and after; the mean is subtracted). The checks actually made are counted at the
+   origin (nginx stub_status: requests for HTTP, accepted connections for TCP) and a sample
+   of upstreams is read back through the admin API (health verdict, age of the last check).
+   dynagate: 1 worker, pinned to core 0 (the health checker is its own thread).
+2. CPU µs per request of each balancing algorithm against round_robin: wrk -t1 -c50 small
+   responses, 1 worker pinned to core 0, wrk + origin on core 1, one upstream of the 2 origin
+   servers. Every run sends `x-user: user0..user999` (rotating) so consistent_hash
+   (`hash_key: header:x-user`) spreads and every algorithm costs wrk the same. Algorithms
+   alternate (rotated order) over ROUNDS rounds; the ratio is the median of the per-round
+   ratios to round_robin in the same round. local_first: both origin servers are on
+   127.0.0.1, i.e. local, so it balances among them with round robin after its local check.
+nginx column: nginx OSS has no active health checks; its balancers are not compared here.
+"""
+import os
+import random
+import re
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
+from common import *  # noqa: E402,F401
+
+SERVERS = int(os.environ.get("BENCH_CHECK_SERVERS", "1000" if QUICK else "10000"))
+CHECK_PORTS = [BASE + 100 + i for i in range(20)]
+STATUS_PORT = BASE + 121
+WINDOW = 3 if QUICK else 30
+BAL_SECS = 1 if QUICK else 10
+ALGOS = ["round_robin", "least_conn", "consistent_hash", "p2c_ewma", "random", "local_first"]
+USERS = 1000
+
+
+def check_origin():
+    import common
+    d, head = common._nginx_common("check-origin", 1)
+    listens = "\n".join(f"    listen 127.0.0.1:{p} backlog=4096;" for p in CHECK_PORTS)
+    conf = head + f"""
+http {{
+  access_log off;
+  default_type text/plain;
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  server {{
+{listens}
+    location / {{ return 200 "ok\\n"; }}
+  }}
+  server {{
+    listen 127.0.0.1:{STATUS_PORT};
+    location = /status {{ stub_status; }}
+  }}
+}}
+"""
+    n = Nginx("check-origin", conf, LOAD_CPU)
+    wait_port(STATUS_PORT)
+    return n
+
+
+def stub_status():
+    c = http.client.HTTPConnection("127.0.0.1", STATUS_PORT, timeout=10)
+    c.request("GET", "/status")
+    text = c.getresponse().read().decode()
+    c.close()
+    active = int(re.search(r"Active connections:\s*(\d+)", text).group(1))
+    accepts, handled, requests = map(int, re.search(r"\n\s*(\d+)\s+(\d+)\s+(\d+)", text).groups())
+    return {"active": active, "accepts": accepts, "requests": requests, "t": time.perf_counter()}
+
+
+def check_spec(kind):
+    if kind is None:
+        return None
+    return {"type": kind, "path": "/", "interval": "1s", "timeout": "500ms", "rise": 2, "fall": 2}
+
+
+def put_all(dg, kind):
+    """(Re)defines the SERVERS upstreams hc0.. with the given check; returns seconds."""
+    hc = check_spec(kind)
+    t0 = time.perf_counter()
+    for i in range(SERVERS):
+        body = {"servers": [{"address": f"127.0.0.1:{CHECK_PORTS[i % len(CHECK_PORTS)]}"}],
+                "keepalive": 32}
+        if hc:
+            body["health_check"] = hc
+        dg.admin.ok("PUT", f"/v1/upstreams/hc{i}", body)
+    return time.perf_counter() - t0
+
+
+def sample_health(dg, n=100):
+    """Health verdicts and last-check ages of n random upstreams (admin API)."""
+    healthy = fresh = ok = 0
+    now_ms = time.time() * 1e3
+    for i in random.Random(7).sample(range(SERVERS), min(n, SERVERS)):
+        st, out, _ = dg.admin.call("GET", f"/v1/upstreams/hc{i}")
+        live = json.loads(out)["live"][0]
+        healthy += live["health"] == "healthy"
+        lc = live.get("last_check")
+        if lc:
+            ok += bool(lc["ok"])
+            fresh += now_ms - lc["time_ms"] < 2500
+    return {"sampled": min(n, SERVERS), "healthy": healthy, "last_ok": ok, "fresh": fresh}
+
+
+def window(dg, counter):
+    """CPU of dynagate over WINDOW seconds, and the origin's counter rate meanwhile."""
+    s0 = stub_status()
+    c0 = cpu_seconds(dg.pids())
+    t0 = time.perf_counter()
+    time.sleep(WINDOW)
+    c1 = cpu_seconds(dg.pids())
+    t1 = time.perf_counter()
+    s1 = stub_status()
+    secs = t1 - t0
+    return {"cpu_pct": (c1 - c0) / secs * 100, "secs": secs,
+            "rate": (s1[counter] - s0[counter]) / (s1["t"] - s0["t"]),
+            "active": s1["active"], "rss_mib": rss_kib(dg.pids()) / 1024}
+
+
+def warm(counter, want, limit=20):
+    """Until the origin sees at least `want` checks per second (1 s samples)."""
+    deadline = time.perf_counter() + limit
+    rate = 0
+    while time.perf_counter() < deadline:
+        a = stub_status()
+        time.sleep(1)
+        b = stub_status()
+        rate = (b[counter] - a[counter]) / (b["t"] - a["t"])
+        if rate >= want:
+            return rate
+    return rate
+
+
+def health_checks(dg):
+    res = {}
+    res["load_s"] = put_all(dg, None)
+    time.sleep(2)
+    res["idle_before"] = window(dg, "requests")
+    log(f"  {SERVERS} upstreams loaded in {res['load_s']:.1f}s; idle (no checks) "
+        f"{res['idle_before']['cpu_pct']:.2f}% of a core, RSS {res['idle_before']['rss_mib']:.1f} MiB")
+    for kind, counter in (("http", "requests"), ("tcp", "accepts")):
+        put_s = put_all(dg, kind)
+        warm_rate = warm(counter, 0.95 * SERVERS)
+        w = window(dg, counter)
+        h = sample_health(dg)
+        res[kind] = dict(w, put_s=put_s, warm_rate=warm_rate, health=h)
+        log(f"  {kind.upper()} checks: enabled on {SERVERS} upstreams in {put_s:.1f}s; "
+            f"{w['cpu_pct']:.2f}% of a core over {w['secs']:.0f}s; origin saw {w['rate']:.0f} "
+            f"checks/s; {w['active']} connections open at the origin; RSS {w['rss_mib']:.1f} MiB; "
+            f"sample of {h['sampled']}: {h['healthy']} healthy, last check ok {h['last_ok']}, "
+            f"checked in the last 2.5 s {h['fresh']}")
+    res["off_s"] = put_all(dg, None)
+    time.sleep(3)
+    res["idle_after"] = window(dg, "requests")
+    res["conns_after_off"] = res["idle_after"]["active"] - 1      # minus the stub_status one
+    log(f"  checks off: idle {res['idle_after']['cpu_pct']:.2f}% of a core; origin connections "
+        f"still open {res['conns_after_off']}; origin requests/s {res['idle_after']['rate']:.1f}")
+    res["baseline"] = (res["idle_before"]["cpu_pct"] + res["idle_after"]["cpu_pct"]) / 2
+    return res
+
+
+# --------------------------------------------------------------------------- balancing
+
+def user_script():
+    """wrk script: rotating x-user header + wrk_json.lua's summary (written into WORK)."""
+    with open(os.path.join(LIB, "wrk_json.lua")) as f:
+        summary = f.read()
+    done = summary[summary.index("done = function"):]
+    path = os.path.join(WORK, "wrk_users.lua")
+    with open(path, "w") as f:
+        f.write(f"""-- generated by fig9_health.py
+local reqs = {{}}
+for i = 0, {USERS - 1} do
+  reqs[#reqs + 1] = wrk.format("GET", "/", {{ Host = "{HOST}", ["x-user"] = "user" .. i }})
+end
+local i = 0
+request = function()
+  i = i + 1
+  if i > #reqs then i = 1 end
+  return reqs[i]
+end
+
+{done}""")
+    return path
+
+
+def upstream_body(algo):
+    body = {"servers": [{"address": f"127.0.0.1:{p}", "weight": 1} for p in ORIGIN_PORTS],
+            "keepalive": 128, "balance": algo}
+    if algo == "consistent_hash":
+        body["hash_key"] = "header:x-user"
+    return body
+
+
+def per_server_requests(dg):
+    st, out, _ = dg.admin.call("GET", "/v1/upstreams/be")
+    return {s["address"]: s["requests"] for s in json.loads(out)["live"]}
+
+
+def balancing():
+    origin = start_origin()
+    dg = Dynagate(1, PROXY_CPU, name="dg-balance", port=BASE + 96, admin_port=BASE + 97,
+                  registry_port=BASE + 98)
+    dg.setup_basic()
+    script = user_script()
+    wrk(dg.port, 1, script=script)
+    res = {a: [] for a in ALGOS}
+    raw = []
+    for rnd in range(ROUNDS):
+        order = ALGOS[rnd % len(ALGOS):] + ALGOS[:rnd % len(ALGOS)]
+        for algo in order:
+            dg.admin.ok("PUT", "/v1/upstreams/be", upstream_body(algo))
+            time.sleep(0.2)
+            before = per_server_requests(dg)
+            r = cpu_per_request(dg, BAL_SECS, 50, "/", 1, LOAD_CPU, script=script)
+            after = per_server_requests(dg)
+            split = [after[a] - before.get(a, 0) for a in sorted(after)]
+            r.update(algo=algo, round=rnd, split=split)
+            raw.append(r)
+            res[algo].append(r)
+            log(f"  {algo:16} round {rnd}: {r['rps']:8.0f} req/s {r['cpu_us_per_req']:6.2f} µs/req "
+                f"errors={r['errors']} split={split}")
+            if r["requests"] == 0 or r["errors"]:
+                raise SystemExit(f"{algo}: {r['requests']} requests, {r['errors']} errors")
+    dg.stop()
+    origin.stop()
+    return res, raw
+
+
+def main():
+    ensure_tools()
+    raise_nofile()
+    origin = check_origin()
+    dg = Dynagate(1, PROXY_CPU)
+    hc = health_checks(dg)
+    dg.stop()
+    origin.stop()
+    bal, bal_raw = balancing()
+
+    na = "n/a (no active checks in nginx OSS)"
+    rows = []
+    for kind in ("http", "tcp"):
+        r = hc[kind]
+        net = r["cpu_pct"] - hc["baseline"]
+        h = r["health"]
+        what = ("HTTP GET / (keep-alive)" if kind == "http" else "TCP connect")
+        rows.append(row(f"active {kind.upper()} checks, {SERVERS:,} servers at 1 s: dynagate CPU, "
+                        f"% of one core above idle", na, net, "%", "≤ 15%", ratio=None, ok=net <= 15,
+                        note=f"{what}, timeout 500ms; raw {r['cpu_pct']:.2f}% minus idle "
+                             f"{hc['baseline']:.2f}% (same {SERVERS:,} upstreams, no checks: "
+                             f"{hc['idle_before']['cpu_pct']:.2f}% before, {hc['idle_after']['cpu_pct']:.2f}% "
+                             f"after) over {r['secs']:.0f} s; origin counted {r['rate']:,.0f} checks/s; "
+                             f"{r['active'] - 1:,} connections open at the origin; sampled "
+                             f"{h['sampled']} upstreams: {h['healthy']} healthy, {h['fresh']} checked in "
+                             f"the last 2.5 s; RSS {r['rss_mib']:.0f} MiB (idle "
+                             f"{hc['idle_before']['rss_mib']:.0f} MiB)"))
+    rr = bal["round_robin"]
+    for algo in ALGOS:
+        runs = bal[algo]
+        us = median([x["cpu_us_per_req"] for x in runs])
+        ratios = [a["cpu_us_per_req"] / b["cpu_us_per_req"] for a, b in zip(runs, rr)]
+        split = [sum(x["split"][i] for x in runs) for i in range(len(runs[0]["split"]))]
+        share = ", ".join(f"{s / max(1, sum(split)) * 100:.0f}%" for s in split)
+        per_round = ", ".join(f"{x['cpu_us_per_req']:.2f}" for x in runs)
+        note = (f"req/s {median([x['rps'] for x in runs]):,.0f}; per-round µs "
+                f"{per_round}; split over the 2 "
+                f"servers {share}; errors {sum(x['errors'] for x in runs)}")
+        if algo == "consistent_hash":
+            note += f"; hash_key header:x-user, {USERS} users"
+        if algo == "round_robin":
+            rows.append(row(f"CPU µs/request, balance {algo} (reference)", None, us, "µs",
+                            "reference", ratio=1.0, note=note))
+        else:
+            rows.append(row(f"CPU µs/request, balance {algo}", None, us, "µs",
+                            "≤ 1.1× round_robin", limit=1.1, ratio=median(ratios),
+                            note=note + "; ratio = median of per-round ratios to round_robin"))
+    save("fig9", rows, {"health": hc, "balancing": bal_raw})
+
+
+if __name__ == "__main__":
+    main()
