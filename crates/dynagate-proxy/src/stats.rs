@@ -515,7 +515,10 @@ mod tests {
             let id: Arc<str> = Arc::from("r1");
             s.record_response(&id, 200, 10);
         }
-        assert_eq!(s.by_route().iter().find(|(r, _)| &**r == "r1").unwrap().1[1], 1001);
+        assert_eq!(
+            s.by_route().iter().find(|(r, _)| &**r == "r1").unwrap().1[1],
+            1001
+        );
     }
 
     #[test]

@@ -84,27 +84,66 @@ impl Registry {
         index_of: impl Fn(&State) -> u64,
         render: impl FnOnce(&State) -> T,
     ) -> (u64, T) {
-        if q.index > 0 {
-            let _watching = WatcherGuard::new(&self.watchers);
-            let mut rx = self.subscribe();
-            let mut stop = self.shutdown_tx.subscribe();
-            let deadline = Instant::now() + q.wait + jitter(q.wait);
-            loop {
-                rx.borrow_and_update();
-                if *stop.borrow_and_update() || index_of(&self.state.read()) > q.index {
-                    break;
-                }
-                tokio::select! {
-                    r = rx.changed() => if r.is_err() { break },
-                    _ = tokio::time::sleep_until(deadline) => break,
-                    _ = stop.changed() => break,
-                }
-            }
-        }
+        self.wait_past(q, &index_of).await;
         let st = self.state.read();
         (index_of(&st).max(1), render(&st))
     }
+
+    /// `blocking` for JSON answers, shared: the first watcher to wake renders and
+    /// serializes the answer, every other request with the same `key` (path and the
+    /// query parameters that shape the answer) at the same global index gets the same
+    /// bytes. Thousands of watchers of one service cost one rendering per change.
+    pub(crate) async fn blocking_json<T: serde::Serialize>(
+        &self,
+        key: String,
+        q: BlockingQuery,
+        index_of: impl Fn(&State) -> u64,
+        render: impl FnOnce(&State) -> T,
+    ) -> (u64, bytes::Bytes) {
+        self.wait_past(q, &index_of).await;
+        let st = self.state.read();
+        let global = st.index;
+        if let Some((at, idx, body)) = self.rendered.lock().get(&key) {
+            if *at == global {
+                return (*idx, body.clone());
+            }
+        }
+        let idx = index_of(&st).max(1);
+        // Serializing our own values cannot fail; an empty list is the safe answer if it did.
+        let body =
+            bytes::Bytes::from(serde_json::to_vec(&render(&st)).unwrap_or_else(|_| b"[]".to_vec()));
+        let mut cache = self.rendered.lock();
+        if cache.len() >= RENDER_CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(key, (global, idx, body.clone()));
+        (idx, body)
+    }
+
+    async fn wait_past(&self, q: BlockingQuery, index_of: &impl Fn(&State) -> u64) {
+        if q.index == 0 {
+            return;
+        }
+        let _watching = WatcherGuard::new(&self.watchers);
+        let mut rx = self.subscribe();
+        let mut stop = self.shutdown_tx.subscribe();
+        let deadline = Instant::now() + q.wait + jitter(q.wait);
+        loop {
+            rx.borrow_and_update();
+            if *stop.borrow_and_update() || index_of(&self.state.read()) > q.index {
+                break;
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { break },
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = stop.changed() => break,
+            }
+        }
+    }
 }
+
+/// Distinct answers kept for sharing; the cache starts over when full.
+const RENDER_CACHE_ENTRIES: usize = 4096;
 
 #[cfg(test)]
 mod tests {

@@ -148,6 +148,8 @@ pub struct Registry {
     pub(crate) check_permits: Arc<Semaphore>,
     /// Blocking queries waiting now.
     pub(crate) watchers: std::sync::atomic::AtomicUsize,
+    /// Serialized answers by request key: (global index, resource index, body).
+    pub(crate) rendered: Mutex<HashMap<String, (u64, u64, bytes::Bytes)>>,
     weak_self: Weak<Registry>,
 }
 
@@ -211,6 +213,7 @@ impl Registry {
             weak_self: weak_self.clone(),
             check_permits: Arc::new(Semaphore::new(options.check_concurrency)),
             watchers: std::sync::atomic::AtomicUsize::new(0),
+            rendered: Mutex::new(HashMap::new()),
             opts: options,
             store,
             state: RwLock::new(state),

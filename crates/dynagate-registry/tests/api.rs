@@ -340,6 +340,12 @@ async fn tags_weights_and_passing_filter() {
     assert_eq!(v[0]["Service"]["Weights"], json!({"Passing":5,"Warning":2}));
     let v = s.get("/v1/health/service/t?passing=1").await.json();
     assert_eq!(v.as_array().unwrap().len(), 1);
+    // Shared answers are keyed by path and the parameters that shape them: the same
+    // path without filters, at the same index, is a different answer.
+    let v = s.get("/v1/health/service/t?index=0&stale").await.json();
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    let v = s.get("/v1/health/service/t?tag=blue&tag=v1").await.json();
+    assert_eq!(v.as_array().unwrap().len(), 1);
     let v = s.get("/v1/catalog/service/t?tag=blue").await.json();
     assert_eq!(v.as_array().unwrap().len(), 2);
     let ups = s.reg.upstreams();

@@ -69,8 +69,10 @@ pub fn run(settings: Settings) -> Result<(), String> {
         "state loaded"
     );
 
+    // Two threads: thousands of registry watchers answered at once must not hold up the
+    // admin API or the registry's own writes.
     let control_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(2)
         .thread_name("dynagate-control")
         .enable_all()
         .build()

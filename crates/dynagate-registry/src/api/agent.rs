@@ -2,7 +2,7 @@
 
 use super::decode;
 use super::render::CONSUL_VERSION;
-use super::util::{empty_ok, json, parse_bool, with_meta};
+use super::util::{empty_ok, json, parse_bool, raw, with_meta};
 use super::{Ctx, Resp};
 use crate::model::CheckStatus;
 use crate::ApiError;
@@ -58,7 +58,8 @@ where
     let bq = ctx.blocking()?;
     let reg = &ctx.reg;
     let (idx, body) = reg
-        .blocking(
+        .blocking_json(
+            ctx.cache_key(),
             bq,
             |st| st.services_index(),
             |st| {
@@ -71,7 +72,7 @@ where
             },
         )
         .await;
-    Ok(with_meta(json(&body), idx))
+    Ok(with_meta(raw(200, Some("application/json"), body), idx))
 }
 
 pub(super) async fn service<B>(ctx: Ctx<B>, id: String) -> R
@@ -102,7 +103,8 @@ where
     let bq = ctx.blocking()?;
     let reg = &ctx.reg;
     let (idx, body) = reg
-        .blocking(
+        .blocking_json(
+            ctx.cache_key(),
             bq,
             |st| st.checks_index(),
             |st| {
@@ -115,7 +117,7 @@ where
             },
         )
         .await;
-    Ok(with_meta(json(&body), idx))
+    Ok(with_meta(raw(200, Some("application/json"), body), idx))
 }
 
 pub(super) async fn register_check<B>(ctx: Ctx<B>) -> R

@@ -1,6 +1,6 @@
 //! `/v1/catalog/*` and `/v1/health/*`.
 
-use super::util::{json, with_meta};
+use super::util::{raw, with_meta};
 use super::{Ctx, Resp};
 use crate::model::{CheckStatus, ServiceDef};
 use crate::ApiError;
@@ -22,7 +22,8 @@ where
     let bq = ctx.blocking()?;
     let (idx, body) = ctx
         .reg
-        .blocking(
+        .blocking_json(
+            ctx.cache_key(),
             bq,
             |st| st.services_index(),
             |st| {
@@ -36,7 +37,7 @@ where
             },
         )
         .await;
-    Ok(with_meta(json(&body), idx))
+    Ok(with_meta(raw(200, Some("application/json"), body), idx))
 }
 
 pub(super) async fn service<B>(ctx: Ctx<B>, name: String) -> R
@@ -48,7 +49,8 @@ where
     let tags: Vec<String> = ctx.query.all("tag").map(str::to_string).collect();
     let reg = &ctx.reg;
     let (idx, body) = reg
-        .blocking(
+        .blocking_json(
+            ctx.cache_key(),
             bq,
             |st| st.catalog_service_index(&name),
             |st| {
@@ -59,7 +61,7 @@ where
             },
         )
         .await;
-    Ok(with_meta(json(&body), idx))
+    Ok(with_meta(raw(200, Some("application/json"), body), idx))
 }
 
 pub(super) async fn nodes<B>(ctx: Ctx<B>) -> R
@@ -70,9 +72,14 @@ where
     let bq = ctx.blocking()?;
     let reg = &ctx.reg;
     let (idx, body) = reg
-        .blocking(bq, |st| st.base, |_| vec![reg.render_node()])
+        .blocking_json(
+            ctx.cache_key(),
+            bq,
+            |st| st.base,
+            |_| vec![reg.render_node()],
+        )
         .await;
-    Ok(with_meta(json(&body), idx))
+    Ok(with_meta(raw(200, Some("application/json"), body), idx))
 }
 
 pub(super) async fn health_service<B>(ctx: Ctx<B>, name: String) -> R
@@ -85,7 +92,8 @@ where
     let tags: Vec<String> = ctx.query.all("tag").map(str::to_string).collect();
     let reg = &ctx.reg;
     let (idx, body) = reg
-        .blocking(
+        .blocking_json(
+            ctx.cache_key(),
             bq,
             |st| st.health_service_index(&name),
             |st| {
@@ -112,7 +120,7 @@ where
             },
         )
         .await;
-    Ok(with_meta(json(&body), idx))
+    Ok(with_meta(raw(200, Some("application/json"), body), idx))
 }
 
 pub(super) async fn health_state<B>(ctx: Ctx<B>, state: String) -> R
@@ -127,7 +135,8 @@ where
     let bq = ctx.blocking()?;
     let reg = &ctx.reg;
     let (idx, body) = reg
-        .blocking(
+        .blocking_json(
+            ctx.cache_key(),
             bq,
             |st| st.agent_index(),
             |st| {
@@ -144,7 +153,7 @@ where
             },
         )
         .await;
-    Ok(with_meta(json(&body), idx))
+    Ok(with_meta(raw(200, Some("application/json"), body), idx))
 }
 
 pub(super) async fn health_checks<B>(ctx: Ctx<B>, name: String) -> R
@@ -155,7 +164,8 @@ where
     let bq = ctx.blocking()?;
     let reg = &ctx.reg;
     let (idx, body) = reg
-        .blocking(
+        .blocking_json(
+            ctx.cache_key(),
             bq,
             |st| st.health_service_index(&name),
             |st| {
@@ -166,5 +176,5 @@ where
             },
         )
         .await;
-    Ok(with_meta(json(&body), idx))
+    Ok(with_meta(raw(200, Some("application/json"), body), idx))
 }

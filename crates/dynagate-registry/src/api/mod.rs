@@ -102,6 +102,8 @@ where
 /// What a handler gets.
 pub(crate) struct Ctx<B> {
     pub reg: Arc<Registry>,
+    /// The path after `/v1/`.
+    pub path: String,
     pub method: Method,
     pub query: Query,
     pub headers: http::HeaderMap,
@@ -113,6 +115,31 @@ where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
+    /// What makes two reads the same answer: the path and every query parameter but
+    /// the blocking, token and consistency ones.
+    pub fn cache_key(&self) -> String {
+        let mut pairs: Vec<&(String, String)> = self
+            .query
+            .pairs
+            .iter()
+            .filter(|(k, _)| {
+                !matches!(
+                    k.as_str(),
+                    "index" | "wait" | "token" | "stale" | "consistent" | "cached" | "dc" | "ns"
+                )
+            })
+            .collect();
+        pairs.sort();
+        let mut key = self.path.clone();
+        for (k, v) in pairs {
+            key.push('\u{0}');
+            key.push_str(k);
+            key.push('=');
+            key.push_str(v);
+        }
+        key
+    }
+
     pub fn blocking(&self) -> Result<BlockingQuery, ApiError> {
         BlockingQuery::parse(
             self.query.get("index"),
@@ -191,6 +218,7 @@ where
     }
     let ctx = Ctx {
         reg,
+        path: rest.to_string(),
         method: parts.method,
         query,
         headers: parts.headers,

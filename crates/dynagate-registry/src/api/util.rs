@@ -43,7 +43,7 @@ pub(crate) fn percent_decode(s: &str, plus: bool) -> Option<String> {
 /// A parsed query string. Keys without `=` are present with an empty value (`?recurse`).
 #[derive(Debug, Default)]
 pub(crate) struct Query {
-    pairs: Vec<(String, String)>,
+    pub(crate) pairs: Vec<(String, String)>,
 }
 
 impl Query {
