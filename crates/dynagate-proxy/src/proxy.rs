@@ -515,6 +515,9 @@ async fn send(
 
         // 5. send
         let sent_at = Instant::now();
+        // Counted from selection on, so concurrent selections (least_conn, local_first
+        // saturation) see a request that is still connecting.
+        let in_flight = InFlight::start(&server.stats);
         let (mut sender, reused) = match worker.pool.checkout(&server.key).await {
             Some(s) => (s, true),
             None => match pool::connect(&server.target, spec.connect_timeout, false).await {
@@ -529,7 +532,6 @@ async fn send(
                 }
             },
         };
-        let in_flight = InFlight::start(&server.stats);
         let result = tokio::time::timeout(spec.read_timeout, sender.try_send_request(req)).await;
         match result {
             Ok(Ok(resp)) => {
@@ -678,6 +680,9 @@ async fn proxy_upgrade(
         let server = &upstream.servers[index];
         let Some(req) = pending.take() else { break };
         let sent_at = Instant::now();
+        // Counted from selection on, so concurrent selections (least_conn, local_first
+        // saturation) see a request that is still connecting.
+        let in_flight = InFlight::start(&server.stats);
         let mut sender = match pool::connect(&server.target, spec.connect_timeout, true).await {
             Ok(s) => s,
             Err(e) => {
@@ -688,7 +693,6 @@ async fn proxy_upgrade(
                 continue;
             }
         };
-        let in_flight = InFlight::start(&server.stats);
         let mut resp = match tokio::time::timeout(spec.read_timeout, sender.send_request(req)).await
         {
             Ok(Ok(resp)) => resp,

@@ -177,7 +177,7 @@ async fn rollback_restores_a_whole_revision() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dyups_compatible_calls() {
     let dir = TempDir::new("dyups");
-    let gw = Gateway::start(dir.path()).await;
+    let gw = Gateway::start_with(dir.path(), &["--workers", "1"]).await;
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let body = format!("server {} weight=2;server {};", a.addr, b.addr);

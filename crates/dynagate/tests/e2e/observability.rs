@@ -39,7 +39,7 @@ for fam in text_string_to_metric_families(sys.stdin.read()):
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_as_prometheus_text() {
     let dir = TempDir::new("metrics");
-    let gw = Gateway::start(dir.path()).await;
+    let gw = Gateway::start_with(dir.path(), &["--workers", "1"]).await;
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     b.behaviour

@@ -32,7 +32,7 @@ async fn backends_seen(gw: &Gateway, n: usize) -> std::collections::HashMap<Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registered_services_become_upstreams() {
     let dir = TempDir::new("registry");
-    let mut gw = Gateway::start(dir.path()).await;
+    let mut gw = Gateway::start_with(dir.path(), &["--workers", "1"]).await;
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let c = Backend::start("c").await;
@@ -247,7 +247,7 @@ async fn registered_services_become_upstreams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_upsync_kv_layout_defines_upstreams() {
     let dir = TempDir::new("upsync");
-    let gw = Gateway::start(dir.path()).await;
+    let gw = Gateway::start_with(dir.path(), &["--workers", "1"]).await;
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     for (backend, value) in [
