@@ -151,11 +151,13 @@ def registered_servers(dg):
 def registration_rates(dg):
     reg = Registry(dg.registry_port)
     lat = []
+    c0 = cpu_seconds(dg.pids())
     t0 = time.perf_counter()
     for i in range(SEQ_REGS):
         lat.append(reg.register(f"rate-{i % 100}", f"seq-{i}", "127.0.0.1", 20000 + i % 10000,
                                 ttl="30s"))
     seq_s = time.perf_counter() - t0
+    seq_cpu = cpu_seconds(dg.pids()) - c0
     conc_lat = []
     errors = []
 
@@ -171,17 +173,20 @@ def registration_rates(dg):
         conc_lat.extend(mine)
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(CONC_CLIENTS)]
+    c0 = cpu_seconds(dg.pids())
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     conc_s = time.perf_counter() - t0
+    conc_cpu = cpu_seconds(dg.pids()) - c0
     if errors:
         raise RuntimeError(f"concurrent registrations failed: {errors[:3]}")
     return {"seq_rate": SEQ_REGS / seq_s, "seq_p50": pct(lat, 50), "seq_p99": pct(lat, 99),
             "conc_rate": CONC_REGS / conc_s, "conc_p50": pct(conc_lat, 50),
-            "conc_p99": pct(conc_lat, 99)}
+            "conc_p99": pct(conc_lat, 99), "seq_cpu_ms": seq_cpu * 1e3 / SEQ_REGS,
+            "conc_cpu_ms": conc_cpu * 1e3 / CONC_REGS}
 
 
 # --------------------------------------------------------------------------- part 2
@@ -314,6 +319,8 @@ def routing_latency(dg, ports, tag):
             raise RuntimeError(f"route to {svc} never answered from its base instance")
         time.sleep(0.01)
     lat, acks, polls, non200 = [], [], [], 0
+    c0 = cpu_seconds(dg.pids())
+    t_start = time.perf_counter()
     for k in range(1, ROUTE_SAMPLES + 1):
         port = ports[k]
         want = str(port)
@@ -342,7 +349,10 @@ def routing_latency(dg, ports, tag):
                 raise RuntimeError(f"{svc}-{k} did not leave the upstream")
             time.sleep(0.005)
         time.sleep(0.02)
-    return {"lat": lat, "acks": acks, "polls": polls, "non200": non200}
+    cpu = cpu_seconds(dg.pids()) - c0
+    return {"lat": lat, "acks": acks, "polls": polls, "non200": non200,
+            "cpu_ms_per_sample": cpu * 1e3 / ROUTE_SAMPLES,
+            "wall_ms_per_sample": (time.perf_counter() - t_start) * 1e3 / ROUTE_SAMPLES}
 
 
 # --------------------------------------------------------------------------- part 3
@@ -701,6 +711,7 @@ def main():
     if nofile < 2 * WATCHERS + 1000:
         log(f"  RLIMIT_NOFILE is only {nofile}: watchers may fail")
     ports = [ORIGIN_BASE + i for i in range(ROUTE_SAMPLES + 1)]
+    ensure_free(*ports, BASE + 95, DG_REGISTRY_PORT)
     origin = Nginx("reg-origin", origin_conf(ports), LOAD_CPU)
     wait_port(ports[0])
     if LOAD_CPU:
@@ -765,12 +776,14 @@ def main():
         row("durable registrations/s, 1 client, sequential", na, rates["seq_rate"], "/s",
             "info (each write fsynced)", ratio=None,
             note=f"{SEQ_REGS} registrations (TTL 30s check, passing) over 100 services; per call "
-                 f"p50 {ms(rates['seq_p50']):.2f} ms p99 {ms(rates['seq_p99']):.2f} ms; the disk does "
+                 f"p50 {ms(rates['seq_p50']):.2f} ms p99 {ms(rates['seq_p99']):.2f} ms; dynagate CPU "
+                 f"{rates['seq_cpu_ms']:.2f} ms per registration; the disk does "
                  f"{fsyncs:.0f} fsyncs/s (4 KiB pwrite + fsync)"),
         row(f"durable registrations/s, {CONC_CLIENTS} concurrent clients", na, rates["conc_rate"], "/s",
             "info (each write fsynced)", ratio=None,
             note=f"{CONC_REGS} registrations, keep-alive HTTP/1.1 each; per call p50 "
-                 f"{ms(rates['conc_p50']):.2f} ms p99 {ms(rates['conc_p99']):.2f} ms; "
+                 f"{ms(rates['conc_p50']):.2f} ms p99 {ms(rates['conc_p99']):.2f} ms; dynagate CPU "
+                 f"{rates['conc_cpu_ms']:.2f} ms per registration; "
                  f"{rates['conc_rate'] / rates['seq_rate']:.2f}× the sequential rate"),
         row(f"load {st['total']:,} instances / {SERVICES:,} services ({CONC_CLIENTS} clients)", na,
             st["load_s"], "s", "info", ratio=None,
@@ -821,7 +834,9 @@ def main():
                         note=f"{len(r['lat'])} samples: p50 {pct(r['lat'], 50) * 1e3:.2f} ms, max "
                              f"{max(r['lat']) * 1e3:.2f} ms (p99 of {len(r['lat'])} samples is the "
                              f"{min(len(r['lat']), int(len(r['lat']) * 0.99) + 1)}th smallest); "
-                             f"registration ack p50 {pct(r['acks'], 50) * 1e3:.2f} ms; proxy GETs per "
+                             f"registration ack p50 {pct(r['acks'], 50) * 1e3:.2f} ms; dynagate CPU "
+                             f"{r['cpu_ms_per_sample']:.1f} ms per sample (one registration + one "
+                             f"deregistration, the bridge's passes included); proxy GETs per "
                              f"sample median {median(r['polls'])}; non-200 answers {r['non200']}"))
     raw.update(fsyncs_per_s=fsyncs, rates=rates, state=st, rss_empty_kib=rss_empty,
                rss_loaded_kib=rss_loaded, db_mib=db_mib, restart_s=restart_s,

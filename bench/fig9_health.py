@@ -13,9 +13,9 @@
    dynagate: 1 worker, pinned to core 0 (the health checker is its own thread).
 2. CPU µs per request of each balancing algorithm against round_robin: wrk -t1 -c50 small
    responses, 1 worker pinned to core 0, wrk + origin on core 1, one upstream of the 2 origin
-   servers. Every run sends `x-user: user0..user999` (rotating) so consistent_hash
+   servers, 6 s runs. Every run sends `x-user: user0..user999` (rotating) so consistent_hash
    (`hash_key: header:x-user`) spreads and every algorithm costs wrk the same. Algorithms
-   alternate (rotated order) over ROUNDS rounds; the ratio is the median of the per-round
+   alternate (rotated order) over max(ROUNDS, 5) rounds; the ratio is the median of the per-round
    ratios to round_robin in the same round. local_first: both origin servers are on
    127.0.0.1, i.e. local, so it balances among them with round robin after its local check.
 nginx column: nginx OSS has no active health checks; its balancers are not compared here.
@@ -32,13 +32,15 @@ SERVERS = int(os.environ.get("BENCH_CHECK_SERVERS", "1000" if QUICK else "10000"
 CHECK_PORTS = [BASE + 100 + i for i in range(20)]
 STATUS_PORT = BASE + 121
 WINDOW = 3 if QUICK else 30
-BAL_SECS = 1 if QUICK else 10
+BAL_SECS = 1 if QUICK else 6
+BAL_ROUNDS = ROUNDS if QUICK else max(ROUNDS, 5)   # short runs, more rounds: drift averages out
 ALGOS = ["round_robin", "least_conn", "consistent_hash", "p2c_ewma", "random", "local_first"]
 USERS = 1000
 
 
 def check_origin():
     import common
+    ensure_free(*CHECK_PORTS, STATUS_PORT)
     d, head = common._nginx_common("check-origin", 1)
     listens = "\n".join(f"    listen 127.0.0.1:{p} backlog=4096;" for p in CHECK_PORTS)
     conf = head + f"""
@@ -106,17 +108,51 @@ def sample_health(dg, n=100):
     return {"sampled": min(n, SERVERS), "healthy": healthy, "last_ok": ok, "fresh": fresh}
 
 
+def thread_cpu(pid):
+    """{tid: (thread name, utime s, stime s)} of every thread of pid."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                s = f.read()
+        except OSError:
+            continue
+        fields = s[s.rindex(")") + 2:].split()
+        out[tid] = (s[s.index("(") + 1:s.rindex(")")], int(fields[11]) / CLK_TCK,
+                    int(fields[12]) / CLK_TCK)
+    return out
+
+
+def thread_delta(t0, t1, secs):
+    """% of a core per thread name, and user / system % of the threads alive at the end."""
+    by_name, user, system = {}, 0.0, 0.0
+    for tid, (name, u, s) in t1.items():
+        _, u0, s0 = t0.get(tid, (name, 0.0, 0.0))
+        by_name[name] = by_name.get(name, 0.0) + (u - u0 + s - s0) / secs * 100
+        user += (u - u0) / secs * 100
+        system += (s - s0) / secs * 100
+    return {k: round(v, 2) for k, v in by_name.items() if v > 0}, user, system
+
+
 def window(dg, counter):
     """CPU of dynagate over WINDOW seconds, and the origin's counter rate meanwhile."""
     s0 = stub_status()
+    th0 = thread_cpu(dg.proc.pid)
     c0 = cpu_seconds(dg.pids())
     t0 = time.perf_counter()
     time.sleep(WINDOW)
     c1 = cpu_seconds(dg.pids())
     t1 = time.perf_counter()
+    th1 = thread_cpu(dg.proc.pid)
     s1 = stub_status()
     secs = t1 - t0
-    return {"cpu_pct": (c1 - c0) / secs * 100, "secs": secs,
+    threads, user, system = thread_delta(th0, th1, secs)
+    return {"cpu_pct": (c1 - c0) / secs * 100, "secs": secs, "threads_pct": threads,
+            "user_pct": user, "sys_pct": system,
             "rate": (s1[counter] - s0[counter]) / (s1["t"] - s0["t"]),
             "active": s1["active"], "rss_mib": rss_kib(dg.pids()) / 1024}
 
@@ -152,7 +188,8 @@ def health_checks(dg):
             f"{w['cpu_pct']:.2f}% of a core over {w['secs']:.0f}s; origin saw {w['rate']:.0f} "
             f"checks/s; {w['active']} connections open at the origin; RSS {w['rss_mib']:.1f} MiB; "
             f"sample of {h['sampled']}: {h['healthy']} healthy, last check ok {h['last_ok']}, "
-            f"checked in the last 2.5 s {h['fresh']}")
+            f"checked in the last 2.5 s {h['fresh']}; by thread (% of a core) {w['threads_pct']}, "
+            f"user {w['user_pct']:.1f}% system {w['sys_pct']:.1f}%")
     res["off_s"] = put_all(dg, None)
     time.sleep(3)
     res["idle_after"] = window(dg, "requests")
@@ -210,7 +247,7 @@ def balancing():
     wrk(dg.port, 1, script=script)
     res = {a: [] for a in ALGOS}
     raw = []
-    for rnd in range(ROUNDS):
+    for rnd in range(BAL_ROUNDS):
         order = ALGOS[rnd % len(ALGOS):] + ALGOS[:rnd % len(ALGOS)]
         for algo in order:
             dg.admin.ok("PUT", "/v1/upstreams/be", upstream_body(algo))
@@ -248,6 +285,7 @@ def main():
         net = r["cpu_pct"] - hc["baseline"]
         h = r["health"]
         what = ("HTTP GET / (keep-alive)" if kind == "http" else "TCP connect")
+        by_thread = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["threads_pct"].items()))
         rows.append(row(f"active {kind.upper()} checks, {SERVERS:,} servers at 1 s: dynagate CPU, "
                         f"% of one core above idle", na, net, "%", "≤ 15%", ratio=None, ok=net <= 15,
                         note=f"{what}, timeout 500ms; raw {r['cpu_pct']:.2f}% minus idle "
@@ -256,7 +294,8 @@ def main():
                              f"after) over {r['secs']:.0f} s; origin counted {r['rate']:,.0f} checks/s; "
                              f"{r['active'] - 1:,} connections open at the origin; sampled "
                              f"{h['sampled']} upstreams: {h['healthy']} healthy, {h['fresh']} checked in "
-                             f"the last 2.5 s; RSS {r['rss_mib']:.0f} MiB (idle "
+                             f"the last 2.5 s; by thread (% of a core): {by_thread}; user "
+                             f"{r['user_pct']:.1f}% + system {r['sys_pct']:.1f}%; RSS {r['rss_mib']:.0f} MiB (idle "
                              f"{hc['idle_before']['rss_mib']:.0f} MiB)"))
     rr = bal["round_robin"]
     for algo in ALGOS:
