@@ -11,14 +11,12 @@ const SCHEMA_VERSION: i64 = 1;
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    _checkpointer: dynagate_store::Checkpointer,
 }
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        let (conn, checkpointer) = dynagate_store::open_durable(path)?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::Corrupt {
@@ -46,6 +44,7 @@ impl SqliteStore {
         )?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            _checkpointer: checkpointer,
         })
     }
 }

@@ -7,23 +7,57 @@ use std::sync::Arc;
 
 const SCHEMA_VERSION: i64 = 1;
 
+/// Keeps the background checkpoint thread of a durable SQLite file running.
+#[derive(Debug)]
+pub struct Checkpointer {
+    _alive: Arc<()>,
+}
+
+/// Opens a SQLite file for durable commits: WAL with `synchronous=FULL` (a commit that
+/// returned survives `kill -9` and power loss) and a busy timeout. Checkpoints, which move
+/// the WAL into the database file and fsync it, run on a background thread every 500 ms
+/// while the returned `Checkpointer` lives, so a commit costs one WAL append and its fsync
+/// and never pays for a checkpoint.
+pub fn open_durable(path: &Path) -> rusqlite::Result<(Connection, Checkpointer)> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    let background = Connection::open(path)?;
+    background.busy_timeout(std::time::Duration::from_secs(5))?;
+    let alive = Arc::new(());
+    let watch = Arc::downgrade(&alive);
+    let spawned = std::thread::Builder::new()
+        .name("dynagate-checkpoint".into())
+        .spawn(move || {
+            while watch.upgrade().is_some() {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                if let Err(e) =
+                    background.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                {
+                    eprintln!("dynagate: WAL checkpoint failed: {e}");
+                }
+            }
+        });
+    if spawned.is_err() {
+        // No thread: let SQLite checkpoint inline instead.
+        conn.pragma_update(None, "wal_autocheckpoint", 1000)?;
+    }
+    Ok((conn, Checkpointer { _alive: alive }))
+}
+
 /// The embedded store: `<data-dir>/dynagate.db`. Inspect it with `sqlite3`.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
     /// Revisions kept for listing and rollback.
     retain: u64,
-    /// The checkpoint thread runs while this lives.
-    _checkpointer_alive: Arc<()>,
+    _checkpointer: Checkpointer,
 }
 
 impl SqliteStore {
     pub fn open(path: &Path, retain: u64) -> Result<Self, StoreError> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        // FULL: the WAL is fsynced on every commit, so an acknowledged change survives
-        // power loss too, not only a killed process.
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        let (conn, checkpointer) = open_durable(path)?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::Corrupt {
@@ -47,30 +81,10 @@ impl SqliteStore {
              PRAGMA user_version = 1;
              COMMIT;",
         )?;
-        // Checkpoints move the WAL into the database file and fsync it. Done inline, every
-        // ~1000th commit would pay for that; a background thread does it instead, so a
-        // commit costs one WAL append and its fsync.
-        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        let checkpointer = Connection::open(path)?;
-        checkpointer.busy_timeout(std::time::Duration::from_secs(5))?;
-        let alive = Arc::new(());
-        let watch = Arc::downgrade(&alive);
-        std::thread::Builder::new()
-            .name("dynagate-checkpoint".into())
-            .spawn(move || {
-                while watch.upgrade().is_some() {
-                    std::thread::sleep(std::time::Duration::from_millis(500));
-                    if let Err(e) =
-                        checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-                    {
-                        eprintln!("dynagate: WAL checkpoint failed: {e}");
-                    }
-                }
-            })?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
             retain: retain.max(1),
-            _checkpointer_alive: alive,
+            _checkpointer: checkpointer,
         })
     }
 }

@@ -157,6 +157,9 @@ pub(crate) fn with_meta(mut r: Resp, index: u64) -> Resp {
 }
 
 /// Reads a request body of at most `limit` bytes; over it, 413 with `too_large`.
+/// Bytes of a too-large request body read and discarded so the 413 reaches the client.
+const DRAIN_LIMIT: usize = 8 * 1024 * 1024;
+
 pub(crate) async fn read_body<B>(
     body: B,
     limit: usize,
@@ -168,6 +171,12 @@ where
     B::Error: std::error::Error + Send + Sync + 'static,
 {
     if declared.is_some_and(|n| n > limit as u64) {
+        // Read a moderately oversized body to its end before answering: a server that
+        // closes with unread data resets the connection, and the client may then lose
+        // the 413 it was sent.
+        if declared.is_some_and(|n| n <= (limit + DRAIN_LIMIT) as u64) {
+            let _ = Limited::new(body, limit + DRAIN_LIMIT).collect().await;
+        }
         return Err(ApiError::new(413, too_large(declared)));
     }
     match Limited::new(body, limit).collect().await {
