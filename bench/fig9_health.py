@@ -13,11 +13,13 @@
    dynagate: 1 worker, pinned to core 0 (the health checker is its own thread).
 2. CPU µs per request of each balancing algorithm against round_robin: wrk -t1 -c50 small
    responses, 1 worker pinned to core 0, wrk + origin on core 1, one upstream of the 2 origin
-   servers, 6 s runs. Every run sends `x-user: user0..user999` (rotating) so consistent_hash
-   (`hash_key: header:x-user`) spreads and every algorithm costs wrk the same. Algorithms
-   alternate (rotated order) over max(ROUNDS, 5) rounds; the ratio is the median of the per-round
-   ratios to round_robin in the same round. local_first: both origin servers are on
-   127.0.0.1, i.e. local, so it balances among them with round robin after its local check.
+   servers, 4 s runs. Every run sends `x-user: user0..user999` (rotating) so consistent_hash
+   (`hash_key: header:x-user`) spreads and every algorithm costs wrk the same. Each round
+   runs rr, a1, rr, a2, ..., a5, rr (the other algorithms in an order rotated per round),
+   max(ROUNDS, 5) rounds; an algorithm's ratio is its µs/request ÷ the mean of the two
+   round_robin runs around it, median over rounds (the machine drifts within minutes).
+   local_first: both origin servers are on 127.0.0.1, i.e. local, so it balances among them
+   with round robin after its local check.
 nginx column: nginx OSS has no active health checks; its balancers are not compared here.
 """
 import os
@@ -32,7 +34,7 @@ SERVERS = int(os.environ.get("BENCH_CHECK_SERVERS", "1000" if QUICK else "10000"
 CHECK_PORTS = [BASE + 100 + i for i in range(20)]
 STATUS_PORT = BASE + 121
 WINDOW = 3 if QUICK else 30
-BAL_SECS = 1 if QUICK else 6
+BAL_SECS = 1 if QUICK else 4
 BAL_ROUNDS = ROUNDS if QUICK else max(ROUNDS, 5)   # short runs, more rounds: drift averages out
 ALGOS = ["round_robin", "least_conn", "consistent_hash", "p2c_ewma", "random", "local_first"]
 USERS = 1000
@@ -239,6 +241,9 @@ def per_server_requests(dg):
 
 
 def balancing():
+    """Each algorithm runs between two round_robin runs (rr, a1, rr, a2, ..., a5, rr); its
+    ratio is its µs/request ÷ the mean of the two round_robin runs around it, so a machine
+    that drifts (others compile here) moves both sides of the ratio alike."""
     origin = start_origin()
     dg = Dynagate(1, PROXY_CPU, name="dg-balance", port=BASE + 96, admin_port=BASE + 97,
                   registry_port=BASE + 98)
@@ -247,22 +252,33 @@ def balancing():
     wrk(dg.port, 1, script=script)
     res = {a: [] for a in ALGOS}
     raw = []
+
+    def run(algo, rnd):
+        dg.admin.ok("PUT", "/v1/upstreams/be", upstream_body(algo))
+        time.sleep(0.2)
+        before = per_server_requests(dg)
+        r = cpu_per_request(dg, BAL_SECS, 50, "/", 1, LOAD_CPU, script=script)
+        after = per_server_requests(dg)
+        r.update(algo=algo, round=rnd, split=[after[a] - before.get(a, 0) for a in sorted(after)])
+        raw.append(r)
+        log(f"  {algo:16} round {rnd}: {r['rps']:8.0f} req/s {r['cpu_us_per_req']:6.2f} µs/req "
+            f"errors={r['errors']} split={r['split']}")
+        if r["requests"] == 0 or r["errors"]:
+            raise SystemExit(f"{algo}: {r['requests']} requests, {r['errors']} errors")
+        return r
+
+    others = ALGOS[1:]
     for rnd in range(BAL_ROUNDS):
-        order = ALGOS[rnd % len(ALGOS):] + ALGOS[:rnd % len(ALGOS)]
+        order = others[rnd % len(others):] + others[:rnd % len(others)]
+        prev = run("round_robin", rnd)
+        res["round_robin"].append(prev)
         for algo in order:
-            dg.admin.ok("PUT", "/v1/upstreams/be", upstream_body(algo))
-            time.sleep(0.2)
-            before = per_server_requests(dg)
-            r = cpu_per_request(dg, BAL_SECS, 50, "/", 1, LOAD_CPU, script=script)
-            after = per_server_requests(dg)
-            split = [after[a] - before.get(a, 0) for a in sorted(after)]
-            r.update(algo=algo, round=rnd, split=split)
-            raw.append(r)
+            r = run(algo, rnd)
+            nxt = run("round_robin", rnd)
+            res["round_robin"].append(nxt)
+            r["ratio"] = r["cpu_us_per_req"] / ((prev["cpu_us_per_req"] + nxt["cpu_us_per_req"]) / 2)
             res[algo].append(r)
-            log(f"  {algo:16} round {rnd}: {r['rps']:8.0f} req/s {r['cpu_us_per_req']:6.2f} µs/req "
-                f"errors={r['errors']} split={split}")
-            if r["requests"] == 0 or r["errors"]:
-                raise SystemExit(f"{algo}: {r['requests']} requests, {r['errors']} errors")
+            prev = nxt
     dg.stop()
     origin.stop()
     return res, raw
@@ -297,16 +313,16 @@ def main():
                              f"the last 2.5 s; by thread (% of a core): {by_thread}; user "
                              f"{r['user_pct']:.1f}% + system {r['sys_pct']:.1f}%; RSS {r['rss_mib']:.0f} MiB (idle "
                              f"{hc['idle_before']['rss_mib']:.0f} MiB)"))
-    rr = bal["round_robin"]
     for algo in ALGOS:
         runs = bal[algo]
         us = median([x["cpu_us_per_req"] for x in runs])
-        ratios = [a["cpu_us_per_req"] / b["cpu_us_per_req"] for a, b in zip(runs, rr)]
+        ratios = [x["ratio"] for x in runs if "ratio" in x]
         split = [sum(x["split"][i] for x in runs) for i in range(len(runs[0]["split"]))]
         share = ", ".join(f"{s / max(1, sum(split)) * 100:.0f}%" for s in split)
         per_round = ", ".join(f"{x['cpu_us_per_req']:.2f}" for x in runs)
-        note = (f"req/s {median([x['rps'] for x in runs]):,.0f}; per-round µs "
-                f"{per_round}; split over the 2 "
+        per_ratio = ", ".join(f"{x:.2f}" for x in ratios)
+        note = (f"req/s {median([x['rps'] for x in runs]):,.0f}; µs per run "
+                f"{per_round}{f'; ratios {per_ratio}' if ratios else ''}; split over the 2 "
                 f"servers {share}; errors {sum(x['errors'] for x in runs)}")
         if algo == "consistent_hash":
             note += f"; hash_key header:x-user, {USERS} users"
@@ -316,7 +332,8 @@ def main():
         else:
             rows.append(row(f"CPU µs/request, balance {algo}", None, us, "µs",
                             "≤ 1.1× round_robin", limit=1.1, ratio=median(ratios),
-                            note=note + "; ratio = median of per-round ratios to round_robin"))
+                            note=note + "; ratio = median over rounds of µs ÷ mean of the "
+                                        "round_robin runs just before and after"))
     save("fig9", rows, {"health": hc, "balancing": bal_raw})
 
 
