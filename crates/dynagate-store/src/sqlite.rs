@@ -24,6 +24,8 @@ pub fn open_durable(path: &Path) -> rusqlite::Result<(Connection, Checkpointer)>
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    // Whenever the WAL restarts, it is cut back to this size.
+    conn.pragma_update(None, "journal_size_limit", 16 * 1024 * 1024)?;
     let background = Connection::open(path)?;
     background.busy_timeout(std::time::Duration::from_secs(5))?;
     let alive = Arc::new(());
@@ -33,9 +35,18 @@ pub fn open_durable(path: &Path) -> rusqlite::Result<(Connection, Checkpointer)>
         .spawn(move || {
             while watch.upgrade().is_some() {
                 std::thread::sleep(std::time::Duration::from_millis(500));
-                if let Err(e) =
-                    background.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-                {
+                // A passive checkpoint never waits, so under steady writes the WAL may
+                // never restart; past ~16 MiB a TRUNCATE checkpoint (which waits for the
+                // writer) resets it to zero bytes.
+                let frames: rusqlite::Result<i64> =
+                    background.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1));
+                let result = match frames {
+                    Ok(n) if n > 4096 => {
+                        background.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                    }
+                    other => other.map(|_| ()),
+                };
+                if let Err(e) = result {
                     eprintln!("dynagate: WAL checkpoint failed: {e}");
                 }
             }
