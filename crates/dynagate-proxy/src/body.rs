@@ -66,6 +66,24 @@ pub struct PendingLog {
 }
 
 impl PendingLog {
+    /// The entry of a request an upstream server answered, waiting for the body's end
+    /// (nothing when there is no access log).
+    pub fn answered(
+        log: Option<&Arc<AccessLog>>,
+        entry: &mut Option<Entry>,
+        start: std::time::Instant,
+        server: &Arc<str>,
+        status: u16,
+        upstream_time: Duration,
+    ) -> Option<Box<PendingLog>> {
+        let log = log?.clone();
+        let mut entry = entry.take()?;
+        entry.status = status;
+        entry.upstream_addr = Some(server.clone());
+        entry.upstream_time = Some(upstream_time);
+        Some(Box::new(PendingLog { log, entry, start }))
+    }
+
     pub fn emit(mut self: Box<Self>, bytes_sent: u64) {
         self.entry.bytes_sent = bytes_sent;
         self.entry.total_time = self.start.elapsed();

@@ -3,7 +3,8 @@
 //! - `control`: the one door for state changes (validate → store → publish)
 //! - `runtime`: the published snapshot and live per-server state
 //! - `routing`: the route table
-//! - `proxy`:   the request lifecycle, phase by phase
+//! - `h1`:      the HTTP/1 path: own codec, request lifecycle, connection loop
+//! - `proxy`:   the request lifecycle over hyper (HTTP/2 clients)
 //! - `pool`, `body`: upstream connections and streaming bodies
 //! - `server`:  listeners and worker threads
 
@@ -11,6 +12,7 @@ pub mod access_log;
 pub mod balance;
 pub mod body;
 pub mod control;
+pub mod h1;
 pub mod health;
 pub mod metrics;
 pub mod pool;

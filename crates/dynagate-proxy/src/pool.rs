@@ -18,15 +18,33 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 
 pub type Sender = SendRequest<UpBody>;
 
-struct Idle {
-    sender: Sender,
+/// A pooled connection: the pool asks whether the other end closed it while idle.
+pub trait Reusable {
+    fn is_closed(&self) -> bool;
+}
+
+impl Reusable for Sender {
+    fn is_closed(&self) -> bool {
+        SendRequest::is_closed(self)
+    }
+}
+
+struct Idle<T> {
+    conn: T,
     since: Instant,
 }
 
-#[derive(Default)]
-pub struct Pool {
+pub struct Pool<T = Sender> {
     // Only this worker's thread uses it; the lock is never contended.
-    idle: Mutex<HashMap<Arc<str>, Vec<Idle>>>,
+    idle: Mutex<HashMap<Arc<str>, Vec<Idle<T>>>>,
+}
+
+impl<T> Default for Pool<T> {
+    fn default() -> Self {
+        Pool {
+            idle: Mutex::new(HashMap::new()),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -46,31 +64,24 @@ impl std::fmt::Display for ConnectError {
     }
 }
 
-impl Pool {
-    /// A ready idle connection to `key`, most recently used first.
-    pub async fn checkout(&self, key: &str) -> Option<Sender> {
+impl<T: Reusable> Pool<T> {
+    /// An idle connection to `key` that is still open, most recently used first.
+    pub fn take(&self, key: &str) -> Option<T> {
         loop {
             let conn = {
                 let mut idle = self.idle.lock();
                 idle.get_mut(key)?.pop()?
             };
-            if conn.sender.is_closed() || conn.since.elapsed() >= IDLE_TIMEOUT {
+            if conn.conn.is_closed() || conn.since.elapsed() >= IDLE_TIMEOUT {
                 continue;
             }
-            let mut sender = conn.sender;
-            if sender.is_ready() {
-                return Some(sender);
-            }
-            // Returned a moment ago: its connection task has not marked it idle yet.
-            if sender.ready().await.is_ok() {
-                return Some(sender);
-            }
+            return Some(conn.conn);
         }
     }
 
     /// Returns a connection after its response was read to the end.
-    pub fn checkin(&self, key: &Arc<str>, sender: Sender, max_idle: usize) {
-        if max_idle == 0 || sender.is_closed() {
+    pub fn checkin(&self, key: &Arc<str>, conn: T, max_idle: usize) {
+        if max_idle == 0 || conn.is_closed() {
             return;
         }
         let mut idle = self.idle.lock();
@@ -83,7 +94,7 @@ impl Pool {
             list.remove(0);
         }
         list.push(Idle {
-            sender,
+            conn,
             since: Instant::now(),
         });
     }
@@ -93,13 +104,29 @@ impl Pool {
     pub fn sweep(&self) {
         let mut idle = self.idle.lock();
         idle.retain(|_, list| {
-            list.retain(|c| !c.sender.is_closed() && c.since.elapsed() < IDLE_TIMEOUT);
+            list.retain(|c| !c.conn.is_closed() && c.since.elapsed() < IDLE_TIMEOUT);
             !list.is_empty()
         });
     }
 
     pub fn idle_count(&self) -> usize {
         self.idle.lock().values().map(Vec::len).sum()
+    }
+}
+
+impl Pool<Sender> {
+    /// A ready idle hyper connection to `key`.
+    pub async fn checkout(&self, key: &str) -> Option<Sender> {
+        loop {
+            let mut sender = self.take(key)?;
+            if sender.is_ready() {
+                return Some(sender);
+            }
+            // Returned a moment ago: its connection task has not marked it idle yet.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
     }
 }
 
@@ -110,16 +137,7 @@ pub async fn connect(
     timeout: Duration,
     upgrades: bool,
 ) -> Result<Sender, ConnectError> {
-    let stream = tokio::time::timeout(timeout, async {
-        match target {
-            Target::Addr(addr) => TcpStream::connect(addr).await,
-            Target::Name(name) => TcpStream::connect(&**name).await,
-        }
-    })
-    .await
-    .map_err(|_| ConnectError::Timeout)?
-    .map_err(ConnectError::Io)?;
-    let _ = stream.set_nodelay(true);
+    let stream = connect_tcp(target, timeout).await?;
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -134,4 +152,19 @@ pub async fn connect(
         });
     }
     Ok(sender)
+}
+
+/// A new TCP connection to `target` with Nagle off.
+pub async fn connect_tcp(target: &Target, timeout: Duration) -> Result<TcpStream, ConnectError> {
+    let stream = tokio::time::timeout(timeout, async {
+        match target {
+            Target::Addr(addr) => TcpStream::connect(addr).await,
+            Target::Name(name) => TcpStream::connect(&**name).await,
+        }
+    })
+    .await
+    .map_err(|_| ConnectError::Timeout)?
+    .map_err(ConnectError::Io)?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }

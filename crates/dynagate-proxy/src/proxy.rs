@@ -14,6 +14,7 @@
 
 use crate::access_log::{AccessLog, Entry};
 use crate::body::{PendingLog, ProxyBody, Release, UpBody, UpstreamBody};
+use crate::h1::io::UpConn;
 use crate::pool::{self, Pool, Sender};
 use crate::routing::normalize_host;
 use crate::runtime::{InFlight, Pick, ServerRuntime, Snapshot, UpstreamRuntime};
@@ -33,7 +34,10 @@ use std::time::Instant;
 /// What every request handled by one worker thread shares.
 pub struct Worker {
     pub snapshots: Arc<ArcSwap<Snapshot>>,
+    /// hyper connections, for requests that arrive over HTTP/2.
     pub pool: Arc<Pool>,
+    /// Raw connections of the HTTP/1 path (`crate::h1`).
+    pub h1_pool: Pool<UpConn>,
     pub access_log: Option<Arc<AccessLog>>,
     pub counters: Arc<GlobalCounters>,
 }
@@ -79,9 +83,9 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Most attempts one request may make (first try + retries), whatever `retries` says.
-const MAX_ATTEMPTS: usize = 21;
+pub(crate) const MAX_ATTEMPTS: usize = 21;
 /// Pooled connections found closed when used are not the server's fault; bound them.
-const MAX_STALE_CONNECTIONS: usize = 4;
+pub(crate) const MAX_STALE_CONNECTIONS: usize = 4;
 
 pub fn error_response(status: StatusCode, message: impl Into<String>) -> Response<ProxyBody> {
     let mut text = message.into();
@@ -173,7 +177,7 @@ pub async fn handle(
     send(&mut ctx, req, &upstream, hash).await
 }
 
-fn empty_route() -> Arc<str> {
+pub(crate) fn empty_route() -> Arc<str> {
     static EMPTY: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
     EMPTY.get_or_init(|| Arc::from("")).clone()
 }
@@ -200,33 +204,48 @@ fn log_entry(req: &Request<Incoming>, client: SocketAddr) -> Entry {
 
 /// The hash of the request key of `consistent_hash`; `None` when the request lacks it.
 fn hash_key(req: &Request<Incoming>, client: SocketAddr, key: &str) -> Option<u64> {
-    let value: std::borrow::Cow<'_, [u8]> = match key.split_once(':') {
-        Some(("header", name)) => req.headers().get(name)?.as_bytes().into(),
-        Some(("cookie", name)) => req
-            .headers()
+    hash_key_with(
+        key,
+        client.ip(),
+        |name| req.headers().get(name).map(HeaderValue::as_bytes),
+        req.headers()
             .get_all(header::COOKIE)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .find_map(|kv| {
+            .map(HeaderValue::as_bytes),
+        req.uri().query(),
+        req.uri()
+            .path_and_query()
+            .map(|pq| pq.as_str())
+            .unwrap_or("/"),
+    )
+}
+
+/// The hash of a `hash_key` (`header:NAME`, `cookie:NAME`, `arg:NAME`, `client_ip`,
+/// `uri`), from views of the request both HTTP paths provide.
+pub(crate) fn hash_key_with<'a>(
+    key: &str,
+    client: std::net::IpAddr,
+    header: impl Fn(&str) -> Option<&'a [u8]>,
+    mut cookies: impl Iterator<Item = &'a [u8]>,
+    query: Option<&str>,
+    uri: &str,
+) -> Option<u64> {
+    let value: std::borrow::Cow<'_, [u8]> = match key.split_once(':') {
+        Some(("header", name)) => header(name)?.into(),
+        Some(("cookie", name)) => cookies.find_map(|v| {
+            std::str::from_utf8(v).ok()?.split(';').find_map(|kv| {
                 let (k, v) = kv.trim().split_once('=')?;
                 (k == name).then(|| v.as_bytes().to_vec().into())
-            })?,
-        Some(("arg", name)) => req.uri().query().and_then(|q| {
+            })
+        })?,
+        Some(("arg", name)) => query.and_then(|q| {
             q.split('&').find_map(|kv| {
                 let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
                 (k == name).then(|| v.as_bytes().to_vec().into())
             })
         })?,
-        None if key == "client_ip" => client.ip().to_string().into_bytes().into(),
-        None if key == "uri" => req
-            .uri()
-            .path_and_query()
-            .map(|pq| pq.as_str())
-            .unwrap_or("/")
-            .as_bytes()
-            .to_vec()
-            .into(),
+        None if key == "client_ip" => client.to_string().into_bytes().into(),
+        None if key == "uri" => uri.as_bytes().into(),
         _ => return None,
     };
     Some(crate::balance::hash64(&value))
@@ -384,7 +403,7 @@ fn upstream_request(
     }
 }
 
-fn is_idempotent(method: &Method) -> bool {
+pub(crate) fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
@@ -409,16 +428,28 @@ impl Replay {
 }
 
 /// Attempts on distinct servers, without allocating for the usual one or two.
-struct Tried {
+pub(crate) struct Tried {
     list: [usize; MAX_ATTEMPTS],
     len: usize,
 }
 
+impl Default for Tried {
+    fn default() -> Self {
+        Tried {
+            list: [0; MAX_ATTEMPTS],
+            len: 0,
+        }
+    }
+}
+
 impl Tried {
-    fn as_slice(&self) -> &[usize] {
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+    pub(crate) fn as_slice(&self) -> &[usize] {
         &self.list[..self.len]
     }
-    fn push(&mut self, i: usize) {
+    pub(crate) fn push(&mut self, i: usize) {
         if self.len < MAX_ATTEMPTS {
             self.list[self.len] = i;
             self.len += 1;
@@ -426,36 +457,60 @@ impl Tried {
     }
 }
 
-enum Failure {
+pub(crate) enum Failure {
     Connect(String),
     Timeout,
     Upstream(String),
 }
 
-fn failure_response(
+/// The answer when no attempt produced a response: the last failure, or no server
+/// to try. The log entry names the server that failed.
+pub(crate) fn unanswered(
+    counters: &GlobalCounters,
+    upstream: &UpstreamRuntime,
+    last_failure: Option<(usize, Failure)>,
+    log: Option<&mut Entry>,
+) -> (StatusCode, String) {
+    match last_failure {
+        Some((index, failure)) => {
+            let server = &upstream.servers[index];
+            if let Some(e) = log {
+                e.upstream_addr = Some(server.key.clone());
+            }
+            failure_message(upstream, &server.spec.address, failure)
+        }
+        None => {
+            counters.no_server.fetch_add(1, Ordering::Relaxed);
+            no_server_message(upstream)
+        }
+    }
+}
+
+/// The answer to a request no server could serve, logged.
+fn failure_message(
     upstream: &UpstreamRuntime,
     server: &str,
     failure: Failure,
-) -> Response<ProxyBody> {
+) -> (StatusCode, String) {
     let name = &upstream.spec.name;
     match failure {
         Failure::Connect(e) => {
             tracing::warn!(upstream = %name, server, error = %e, "upstream connect failed");
-            error_response(
+            (
                 StatusCode::BAD_GATEWAY,
                 format!("dynagate: cannot connect to upstream {name:?} server {server}: {e}"),
             )
         }
         Failure::Timeout => {
             tracing::warn!(upstream = %name, server, "upstream timed out");
-            error_response(
+            (
                 StatusCode::GATEWAY_TIMEOUT,
                 format!("dynagate: upstream {name:?} server {server} timed out"),
             )
         }
         Failure::Upstream(e) => {
             tracing::warn!(upstream = %name, server, error = %e, "upstream failed");
-            error_response(
+            (
                 StatusCode::BAD_GATEWAY,
                 format!("dynagate: upstream {name:?} server {server} failed: {e}"),
             )
@@ -463,9 +518,9 @@ fn failure_response(
     }
 }
 
-fn no_server(upstream: &UpstreamRuntime) -> Response<ProxyBody> {
+fn no_server_message(upstream: &UpstreamRuntime) -> (StatusCode, String) {
     tracing::warn!(upstream = %upstream.spec.name, "no available server");
-    error_response(
+    (
         StatusCode::SERVICE_UNAVAILABLE,
         format!(
             "dynagate: no available server in upstream {:?}",
@@ -491,10 +546,7 @@ async fn send(
         headers: parts.headers.clone(),
     });
     let mut pending = Some(Request::from_parts(parts, UpBody::Client(body)));
-    let mut tried = Tried {
-        list: [0; MAX_ATTEMPTS],
-        len: 0,
-    };
+    let mut tried = Tried::default();
     let mut stale = 0;
     let max_attempts = (spec.retries as usize + 1).min(MAX_ATTEMPTS);
     let mut last_failure: Option<(usize, Failure)> = None;
@@ -589,18 +641,8 @@ async fn send(
             }
         }
     }
-    let resp = match last_failure {
-        Some((index, failure)) => {
-            if let Some(e) = ctx.log.as_mut() {
-                e.upstream_addr = Some(upstream.servers[index].key.clone());
-            }
-            failure_response(upstream, &upstream.servers[index].spec.address, failure)
-        }
-        None => {
-            worker.counters.no_server.fetch_add(1, Ordering::Relaxed);
-            no_server(upstream)
-        }
-    };
+    let (status, message) = unanswered(&worker.counters, upstream, last_failure, ctx.log.as_mut());
+    let resp = error_response(status, message);
     ctx.finish(resp)
 }
 
@@ -641,16 +683,15 @@ fn pending_log(
     status: u16,
     upstream_time: Duration,
 ) -> Option<Box<PendingLog>> {
-    let log = ctx.worker.access_log.clone()?;
-    let mut entry = ctx.log.take()?;
-    entry.status = status;
-    entry.upstream_addr = Some(server.key.clone());
-    entry.upstream_time = Some(upstream_time);
-    Some(Box::new(PendingLog {
+    let log = ctx.worker.access_log.as_ref();
+    PendingLog::answered(
         log,
-        entry,
-        start: ctx.start,
-    }))
+        &mut ctx.log,
+        ctx.start,
+        &server.key,
+        status,
+        upstream_time,
+    )
 }
 
 /// WebSocket (or any HTTP/1.1 upgrade): a dedicated upstream connection; the client's
@@ -662,10 +703,7 @@ async fn proxy_upgrade(
 ) -> Response<ProxyBody> {
     let spec = &upstream.spec;
     let client_upgrade = hyper::upgrade::on(&mut req);
-    let mut tried = Tried {
-        list: [0; MAX_ATTEMPTS],
-        len: 0,
-    };
+    let mut tried = Tried::default();
     let max_attempts = (spec.retries as usize + 1).min(MAX_ATTEMPTS);
     let mut last_failure = None;
     let (parts, body) = req.into_parts();
@@ -758,17 +796,12 @@ async fn proxy_upgrade(
         });
         return Response::from_parts(parts, ProxyBody::empty());
     }
-    let resp = match last_failure {
-        Some((index, failure)) => {
-            failure_response(upstream, &upstream.servers[index].spec.address, failure)
-        }
-        None => {
-            ctx.worker
-                .counters
-                .no_server
-                .fetch_add(1, Ordering::Relaxed);
-            no_server(upstream)
-        }
-    };
+    let (status, message) = unanswered(
+        &ctx.worker.counters,
+        upstream,
+        last_failure,
+        ctx.log.as_mut(),
+    );
+    let resp = error_response(status, message);
     ctx.finish(resp)
 }

@@ -4,16 +4,13 @@
 
 use crate::access_log::AccessLog;
 use crate::body::ProxyBody;
+use crate::h1::{ConnOptions, Drain, Shared};
 use crate::pool::Pool;
-use crate::proxy::{handle, Client, GlobalCounters, Worker};
+use crate::proxy::{GlobalCounters, Worker};
 use crate::runtime::Snapshot;
 use arc_swap::ArcSwap;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use socket2::{Domain, Protocol, Socket, Type};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -89,6 +86,7 @@ pub fn start(
         let worker = Arc::new(Worker {
             snapshots: snapshots.clone(),
             pool: Arc::new(Pool::default()),
+            h1_pool: Pool::default(),
             access_log: options.access_log.clone(),
             counters: options.counters.clone(),
         });
@@ -129,15 +127,9 @@ impl ProxyHandle {
     }
 }
 
-fn builder(options: &ProxyOptions) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout)
-        .max_buf_size(options.max_header_bytes.max(8192))
-        .max_headers(options.max_headers);
-    b.http2()
-        .timer(TokioTimer::new())
+fn http2_builder(options: &ProxyOptions) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
         .max_concurrent_streams(options.h2_max_concurrent_streams)
         .max_header_list_size(options.max_header_bytes as u32)
         // Close connections whose clients reset streams rapidly (CVE-2023-44487).
@@ -159,13 +151,28 @@ async fn serve(
             return;
         }
     };
-    let builder = builder(&options);
-    let graceful = GracefulShutdown::new();
+    let shared = Arc::new(Shared {
+        worker: worker.clone(),
+        options: ConnOptions {
+            header_read_timeout: options.header_read_timeout,
+            max_header_bytes: options.max_header_bytes,
+            max_headers: options.max_headers,
+            body_read_timeout: BODY_READ_TIMEOUT,
+        },
+        drain: Arc::new(Drain::default()),
+        h2: http2_builder(&options),
+    });
     let mut sweep = tokio::time::interval(Duration::from_secs(10));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut idle_tick = tokio::time::interval(IDLE_TICK);
+    idle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let grace = loop {
         tokio::select! {
-            _ = sweep.tick() => worker.pool.sweep(),
+            _ = sweep.tick() => {
+                worker.pool.sweep();
+                worker.h1_pool.sweep();
+            }
+            now = idle_tick.tick() => shared.drain.expire_idle(now),
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(a) => a,
@@ -177,18 +184,7 @@ async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let worker = worker.clone();
-                let client = Arc::new(Client::new(peer));
-                let service = service_fn(move |req| {
-                    let worker = worker.clone();
-                    let client = client.clone();
-                    async move { Ok::<_, Infallible>(handle(&worker, &client, req).await) }
-                });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
+                tokio::spawn(crate::h1::serve(stream, peer, shared.clone()));
             }
             changed = stop.changed() => {
                 if changed.is_err() {
@@ -201,13 +197,21 @@ async fn serve(
         }
     };
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
+    shared.drain.start();
+    if tokio::time::timeout(grace, shared.drain.wait())
         .await
         .is_err()
     {
         tracing::warn!("grace period over; closing remaining connections");
     }
 }
+
+/// How often idle keep-alive connections past their deadline are closed: the idle
+/// timeout is kept to within this.
+const IDLE_TICK: Duration = Duration::from_millis(250);
+
+/// Longest wait for the next piece of a request body (nginx's client_body_timeout).
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// For tests and embedding: the response body type the proxy produces.
 pub type Body = ProxyBody;

@@ -8,6 +8,7 @@ mod balancing;
 mod churn;
 mod durability;
 mod health;
+mod http1;
 mod lifecycle;
 mod observability;
 mod registry;

@@ -1,0 +1,764 @@
+//! The life of one HTTP/1 request, phase by phase (the same phases as `crate::proxy`,
+//! on raw heads and sockets instead of hyper's types):
+//!
+//! 1. `screen`: refuse ambiguous or malformed framing (smuggling guards)
+//! 2. `route`: host + path + method → route (404 if none)
+//! 3. `upstream head`: written once — hop-by-hop out, X-Forwarded-* in, Host
+//! 4. `select`: the balancer picks a server that takes new requests (503 if none)
+//! 5. `send`: pooled or new connection; the head (and a body already read) in one
+//!    write; a streaming body is copied while the response head is awaited; retries on
+//!    another server only when safe (nothing sent, or idempotent and nothing received)
+//! 6. `respond`: the response head rewritten for the client, the body copied with its
+//!    framing; the upstream connection goes back to the pool when it was read to its
+//!    end; the in-flight count and the access-log entry end with the body
+//!
+//! Upgrades (WebSocket) take `upgrade`: the tunnel opens only after the upstream
+//! answered 101.
+
+use super::conn::{ClientConn, Next};
+use super::framing::BodyKind;
+use super::head::{
+    write_simple, ClientConnection, HeadError, OutFraming, Parsed, RequestHead, ResponseHead,
+    UpstreamHeadCtx,
+};
+use super::io::{pump, read_more, PumpError, UpConn};
+use super::Shared;
+use crate::access_log::Entry;
+use crate::body::PendingLog;
+use crate::pool::connect_tcp;
+use crate::proxy::{
+    hash_key_with, is_idempotent, unanswered, Failure, Tried, MAX_STALE_CONNECTIONS,
+};
+use crate::routing::normalize_host;
+use crate::runtime::{InFlight, Pick, ServerRuntime, UpstreamRuntime};
+use dynagate_model::Balance;
+use std::io::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+/// Room for a response head's first read.
+const RESPONSE_HEAD_BUF: usize = 2048;
+/// Largest response head accepted from an upstream.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Upstream read buffers larger than this are released before the connection idles.
+const KEEP_UPSTREAM_BUF: usize = 8 * 1024;
+
+/// What the request says about itself, kept after its head bytes are gone.
+#[derive(Clone, Copy)]
+struct Info {
+    keep_alive: bool,
+    http10: bool,
+    is_head: bool,
+    body: BodyKind,
+    idempotent: bool,
+}
+
+/// What one request carries through its phases, for metrics and the log.
+struct Ctx<'a> {
+    shared: &'a Shared,
+    start: Instant,
+    route: Arc<str>,
+    log: Option<Entry>,
+    info: Info,
+}
+
+pub async fn proxy(conn: &mut ClientConn, shared: &Shared, head: RequestHead) -> Next {
+    let worker = &*shared.worker;
+    let buf = &conn.buf[..head.len];
+    let method = head.method(buf);
+    let info = Info {
+        keep_alive: head.keep_alive(),
+        http10: head.minor_version == 0,
+        is_head: head.is_head(buf),
+        body: head.body(),
+        idempotent: is_idempotent_str(method),
+    };
+    let mut ctx = Ctx {
+        shared,
+        start: Instant::now(),
+        route: crate::proxy::empty_route(),
+        log: worker
+            .access_log
+            .as_ref()
+            .map(|_| log_entry(&head, buf, conn.peer)),
+        info,
+    };
+
+    // 1. screen
+    if let Err(why) = head.screen() {
+        worker.counters.bad_request.fetch_add(1, Ordering::Relaxed);
+        return simple(conn, &mut ctx, 400, why, true).await;
+    }
+
+    // 2. route
+    let snapshot = worker.snapshots.load();
+    let host_raw = head
+        .host(buf)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .unwrap_or("");
+    let host = normalize_host(host_raw);
+    let path = head.path(buf);
+    let Some(route) = snapshot.routes.find(&host, path, method) else {
+        worker.counters.no_route.fetch_add(1, Ordering::Relaxed);
+        let msg = format!("dynagate: no route for host {:?} path {:?}", &*host, path);
+        let close = info.body != BodyKind::Empty;
+        return simple(conn, &mut ctx, 404, &msg, close).await;
+    };
+    ctx.route = route.id.clone();
+    let Some(upstream) = snapshot.upstreams.get(&*route.upstream).cloned() else {
+        let msg = format!("dynagate: upstream {:?} does not exist", route.upstream);
+        let close = info.body != BodyKind::Empty;
+        return simple(conn, &mut ctx, 503, &msg, close).await;
+    };
+    if let Some(entry) = ctx.log.as_mut() {
+        entry.route = Some(route.id.clone());
+        entry.upstream = Some(route.upstream.clone());
+    }
+    let hash = match &upstream.spec.hash_key {
+        Some(key) if upstream.spec.balance == Balance::ConsistentHash => {
+            let (target, _) = head.origin_form(buf);
+            hash_key_with(
+                key,
+                conn.peer,
+                |name| head.header(buf, name),
+                head.headers_named(buf, "cookie"),
+                head.query(buf),
+                target,
+            )
+        }
+        _ => None,
+    };
+
+    // 3. upstream head
+    let upgrade = head.is_upgrade();
+    let mut ip = [0u8; 48];
+    let ip_len = {
+        let mut w = &mut ip[..];
+        let _ = write!(w, "{}", conn.peer);
+        48 - w.len()
+    };
+    let mut up_head = Vec::with_capacity(head.len + 192);
+    head.write_upstream(
+        buf,
+        &mut up_head,
+        &UpstreamHeadCtx {
+            client_ip: std::str::from_utf8(&ip[..ip_len]).unwrap_or("unknown"),
+            upstream_host: route.upstream_host_value.as_ref().map(|v| v.as_bytes()),
+            upgrade,
+        },
+    );
+    drop(host);
+    drop(snapshot);
+    conn.pos = head.len;
+
+    if upgrade {
+        return Box::pin(self::upgrade(conn, &mut ctx, &upstream, up_head)).await;
+    }
+    send(conn, &mut ctx, &upstream, hash, up_head).await
+}
+
+fn is_idempotent_str(method: &str) -> bool {
+    http::Method::from_bytes(method.as_bytes())
+        .map(|m| is_idempotent(&m))
+        .unwrap_or(false)
+}
+
+fn log_entry(head: &RequestHead, buf: &[u8], client: std::net::IpAddr) -> Entry {
+    let value = |v: Option<&[u8]>| v.and_then(|v| http::HeaderValue::from_bytes(v).ok());
+    Entry {
+        time: std::time::SystemTime::now(),
+        client,
+        method: http::Method::from_bytes(head.method(buf).as_bytes()).unwrap_or_default(),
+        uri: head.target(buf).parse().unwrap_or_default(),
+        version: if head.minor_version == 0 {
+            http::Version::HTTP_10
+        } else {
+            http::Version::HTTP_11
+        },
+        host: value(head.header(buf, "host")),
+        status: 0,
+        bytes_sent: 0,
+        referer: value(head.header(buf, "referer")),
+        user_agent: value(head.header(buf, "user-agent")),
+        route: None,
+        upstream: None,
+        upstream_addr: None,
+        upstream_time: None,
+        total_time: Duration::ZERO,
+    }
+}
+
+/// Answers with a short response of dynagate's own.
+async fn simple(
+    conn: &mut ClientConn,
+    ctx: &mut Ctx<'_>,
+    status: u16,
+    message: &str,
+    close: bool,
+) -> Next {
+    let close = close || !ctx.info.keep_alive || ctx.shared.drain.closing();
+    let mut out = Vec::with_capacity(160 + message.len());
+    write_simple(&mut out, status, message, close);
+    if ctx.info.is_head {
+        // The head says how long the body would be; none follows.
+        let body_len = message.len() + 1;
+        out.truncate(out.len() - body_len);
+    }
+    let written = conn.stream.write_all(&out).await;
+    if let (Some(log), Some(mut entry)) = (&ctx.shared.worker.access_log, ctx.log.take()) {
+        entry.status = status;
+        entry.bytes_sent = message.len() as u64 + 1;
+        entry.total_time = ctx.start.elapsed();
+        log.log(entry);
+    }
+    match written {
+        Err(_) => Next::Close,
+        Ok(()) if close => Next::Linger,
+        Ok(()) => Next::KeepAlive,
+    }
+}
+
+/// Why no response head came from an upstream.
+enum HeadFail {
+    /// Closed (or reset) before sending a byte: maybe a pooled connection the server
+    /// was closing.
+    Closed(String),
+    Timeout,
+    Bad(String),
+}
+
+/// Reads the final response head into `buf` (from its start), forwarding interim 1xx
+/// answers (100 Continue) to the client when it speaks HTTP/1.1.
+async fn response_head<R, W>(
+    src: &mut R,
+    buf: &mut Vec<u8>,
+    client: &mut W,
+    forward_interim: bool,
+    timeout: Duration,
+) -> Result<ResponseHead, HeadFail>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let deadline = Instant::now() + timeout;
+    let mut got_any = false;
+    loop {
+        if !buf.is_empty() {
+            match ResponseHead::parse(buf) {
+                Ok(Parsed::Complete(head)) if head.is_interim() => {
+                    if forward_interim {
+                        let _ = client.write_all(&buf[..head.len]).await;
+                    }
+                    buf.drain(..head.len);
+                    continue;
+                }
+                Ok(Parsed::Complete(head)) => return Ok(head),
+                Ok(Parsed::Partial) => {}
+                Err(HeadError::TooManyHeaders) => {
+                    return Err(HeadFail::Bad("too many response header fields".into()))
+                }
+                Err(HeadError::Invalid(why)) => {
+                    return Err(HeadFail::Bad(format!("invalid response head: {why}")))
+                }
+            }
+            if buf.len() >= MAX_RESPONSE_HEAD {
+                return Err(HeadFail::Bad("response head too large".into()));
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let room = RESPONSE_HEAD_BUF.max(buf.len());
+        match read_more(src, buf, room, left).await {
+            Ok(0) if !got_any => {
+                return Err(HeadFail::Closed(
+                    "connection closed before a response".into(),
+                ))
+            }
+            Ok(0) => {
+                return Err(HeadFail::Bad(
+                    "connection closed inside the response head".into(),
+                ))
+            }
+            Ok(_) => got_any = true,
+            Err(e) if e == "timed out" => return Err(HeadFail::Timeout),
+            Err(e) if !got_any => return Err(HeadFail::Closed(e)),
+            Err(e) => return Err(HeadFail::Bad(e)),
+        }
+    }
+}
+
+/// How the request was sent, for the response phase.
+struct Sent {
+    up: UpConn,
+    head: ResponseHead,
+    /// The whole request body went upstream (else neither connection can be reused).
+    body_complete: bool,
+}
+
+enum Attempt {
+    Sent(Sent),
+    /// Nothing of the response arrived and the connection was a pooled one the server
+    /// may have closed: try another connection, not counted against the server.
+    Stale,
+    Failed(Failure, /* may go again */ bool),
+    /// The client failed while sending its body: nobody to answer.
+    ClientGone,
+}
+
+async fn send(
+    conn: &mut ClientConn,
+    ctx: &mut Ctx<'_>,
+    upstream: &Arc<UpstreamRuntime>,
+    hash: Option<u64>,
+    up_head: Vec<u8>,
+) -> Next {
+    let worker = &*ctx.shared.worker;
+    let spec = &upstream.spec;
+    let info = ctx.info;
+    let buffered = match info.body {
+        BodyKind::Empty => true,
+        BodyKind::Length(n) => (conn.buf.len() - conn.pos) as u64 >= n,
+        _ => false,
+    };
+    // Sent again after a failure only where a retry can happen and it is safe.
+    let replayable = info.idempotent && buffered;
+    let may_resend = replayable && spec.retries > 0 && upstream.servers.len() > 1;
+    let mut tried = Tried::default();
+    let mut stale = 0;
+    let max_attempts = (spec.retries as usize + 1).min(crate::proxy::MAX_ATTEMPTS);
+    let mut last_failure: Option<(usize, Failure)> = None;
+
+    while tried.len() < max_attempts {
+        // 4. select
+        let Some(index) = upstream.select(&Pick {
+            tried: tried.as_slice(),
+            hash,
+        }) else {
+            break;
+        };
+        let server = &upstream.servers[index];
+        if tried.len() > 0 {
+            worker.counters.retries.fetch_add(1, Ordering::Relaxed);
+        }
+
+        // 5. send
+        let sent_at = Instant::now();
+        // Counted from selection on, so concurrent selections (least_conn, local_first
+        // saturation) see a request that is still connecting.
+        let in_flight = InFlight::start(&server.stats);
+        let (up, reused) = match worker.h1_pool.take(&server.key) {
+            Some(c) => (c, true),
+            None => match connect_tcp(&server.target, spec.connect_timeout).await {
+                Ok(stream) => (
+                    UpConn {
+                        stream,
+                        buf: Vec::new(),
+                    },
+                    false,
+                ),
+                Err(e) => {
+                    // Nothing was sent: any method may go to the next server.
+                    upstream.record_failure(index);
+                    tried.push(index);
+                    last_failure = Some((index, Failure::Connect(e.to_string())));
+                    continue;
+                }
+            },
+        };
+        let attempt = if buffered {
+            send_buffered(conn, ctx, up, &up_head, reused, spec.read_timeout).await
+        } else {
+            // Boxed: the usual request does not carry this larger state.
+            Box::pin(send_streaming(
+                conn,
+                ctx,
+                up,
+                &up_head,
+                reused,
+                spec.read_timeout,
+            ))
+            .await
+        };
+        match attempt {
+            Attempt::Sent(sent) => {
+                let elapsed = sent_at.elapsed();
+                let status = sent.head.status;
+                server
+                    .stats
+                    .record_response(&ctx.route, status, elapsed.as_micros() as u64);
+                if status >= 500 {
+                    upstream.record_outlier_failure(index);
+                } else {
+                    server.stats.record_success();
+                }
+                // 6. respond
+                return respond(conn, ctx, upstream, server, sent, in_flight, elapsed).await;
+            }
+            Attempt::Stale if stale < MAX_STALE_CONNECTIONS => stale += 1,
+            Attempt::Stale => {
+                upstream.record_failure(index);
+                tried.push(index);
+                let why = "connection closed before a response".to_string();
+                last_failure = Some((index, Failure::Upstream(why)));
+                if !may_resend {
+                    break;
+                }
+            }
+            Attempt::Failed(failure, again) => {
+                upstream.record_failure(index);
+                tried.push(index);
+                let timeout = matches!(failure, Failure::Timeout);
+                last_failure = Some((index, failure));
+                if timeout || !(again || may_resend) {
+                    break;
+                }
+            }
+            Attempt::ClientGone => return Next::Close,
+        }
+    }
+    let (status, message) = unanswered(&worker.counters, upstream, last_failure, ctx.log.as_mut());
+    // A body already read is skipped so the connection can carry on; one still
+    // arriving cannot be told from the next request: close.
+    if let (true, BodyKind::Length(n)) = (buffered, info.body) {
+        conn.pos += n as usize;
+    }
+    simple(conn, ctx, status.as_u16(), &message, !buffered).await
+}
+
+/// The head and a body already read, in one write; then the response head.
+async fn send_buffered(
+    conn: &mut ClientConn,
+    ctx: &Ctx<'_>,
+    mut up: UpConn,
+    up_head: &[u8],
+    reused: bool,
+    read_timeout: Duration,
+) -> Attempt {
+    let body_len = match ctx.info.body {
+        BodyKind::Length(n) => n as usize,
+        _ => 0,
+    };
+    let body = &conn.buf[conn.pos..conn.pos + body_len];
+    let written = if body.is_empty() {
+        up.stream.write_all(up_head).await
+    } else {
+        let mut out = Vec::with_capacity(up_head.len() + body.len());
+        out.extend_from_slice(up_head);
+        out.extend_from_slice(body);
+        up.stream.write_all(&out).await
+    };
+    if let Err(e) = written {
+        // The server did not take the request: not its answer, safe to send again.
+        return if reused {
+            Attempt::Stale
+        } else {
+            Attempt::Failed(Failure::Upstream(e.to_string()), true)
+        };
+    }
+    let forward = !ctx.info.http10;
+    match response_head(
+        &mut up.stream,
+        &mut up.buf,
+        &mut conn.stream,
+        forward,
+        read_timeout,
+    )
+    .await
+    {
+        Ok(head) => {
+            conn.pos += body_len;
+            Attempt::Sent(Sent {
+                up,
+                head,
+                body_complete: true,
+            })
+        }
+        Err(HeadFail::Closed(_)) if reused && ctx.info.idempotent => Attempt::Stale,
+        Err(HeadFail::Closed(e)) | Err(HeadFail::Bad(e)) => {
+            Attempt::Failed(Failure::Upstream(e), false)
+        }
+        Err(HeadFail::Timeout) => Attempt::Failed(Failure::Timeout, false),
+    }
+}
+
+/// A body still arriving: copied upstream while the response head is awaited (an
+/// upstream may answer early, e.g. 413, and stop reading).
+async fn send_streaming(
+    conn: &mut ClientConn,
+    ctx: &Ctx<'_>,
+    mut up: UpConn,
+    up_head: &[u8],
+    reused: bool,
+    read_timeout: Duration,
+) -> Attempt {
+    if let Err(e) = up.stream.write_all(up_head).await {
+        return if reused {
+            Attempt::Stale
+        } else {
+            Attempt::Failed(Failure::Upstream(e.to_string()), true)
+        };
+    }
+    let forward = !ctx.info.http10;
+    let body_timeout = ctx.shared.options.body_read_timeout;
+    let (head, body_complete) = {
+        let (mut client_r, mut client_w) = conn.stream.split();
+        let UpConn { stream, buf } = &mut up;
+        let (mut up_r, mut up_w) = stream.split();
+        let body = pump(
+            &mut client_r,
+            &mut conn.buf,
+            &mut conn.pos,
+            &mut up_w,
+            Vec::new(),
+            ctx.info.body,
+            OutFraming::Same,
+            body_timeout,
+        );
+        let head = response_head(&mut up_r, buf, &mut client_w, forward, read_timeout);
+        tokio::pin!(body, head);
+        let mut body_done: Option<Result<u64, PumpError>> = None;
+        let head = loop {
+            tokio::select! {
+                sent = &mut body, if body_done.is_none() => {
+                    if let Err(PumpError::Read(e)) = &sent {
+                        tracing::debug!(error = %e, "client request body failed");
+                        return Attempt::ClientGone;
+                    }
+                    body_done = Some(sent);
+                }
+                head = &mut head => break head,
+            }
+        };
+        (head, matches!(body_done, Some(Ok(_))))
+    };
+    match head {
+        Ok(head) => Attempt::Sent(Sent {
+            up,
+            head,
+            body_complete,
+        }),
+        Err(HeadFail::Closed(e)) | Err(HeadFail::Bad(e)) => {
+            Attempt::Failed(Failure::Upstream(e), false)
+        }
+        Err(HeadFail::Timeout) => Attempt::Failed(Failure::Timeout, false),
+    }
+}
+
+/// 6. The response: head rewritten for the client, body copied with its framing.
+async fn respond(
+    conn: &mut ClientConn,
+    ctx: &mut Ctx<'_>,
+    upstream: &UpstreamRuntime,
+    server: &ServerRuntime,
+    sent: Sent,
+    in_flight: InFlight,
+    upstream_time: Duration,
+) -> Next {
+    let Sent {
+        mut up,
+        head,
+        body_complete,
+    } = sent;
+    let info = ctx.info;
+    let kind = head.body(info.is_head);
+    let mut close = !info.keep_alive || !body_complete || ctx.shared.drain.closing();
+    let framing = match (kind, info.http10) {
+        (BodyKind::Chunked, true) => {
+            close = true;
+            OutFraming::Raw
+        }
+        (BodyKind::UntilClose, false) => OutFraming::Chunked,
+        (BodyKind::UntilClose, true) => {
+            close = true;
+            OutFraming::Same
+        }
+        _ => OutFraming::Same,
+    };
+    let connection = if close {
+        ClientConnection::Close
+    } else if info.http10 {
+        ClientConnection::KeepAlive
+    } else {
+        ClientConnection::Default
+    };
+    let mut out = Vec::with_capacity(head.len + 64);
+    head.write_client(&up.buf, &mut out, framing, connection);
+    let log = pending_log(ctx, server, head.status, upstream_time);
+    let mut pos = head.len;
+    let result = pump(
+        &mut up.stream,
+        &mut up.buf,
+        &mut pos,
+        &mut conn.stream,
+        out,
+        kind,
+        framing,
+        upstream.spec.read_timeout,
+    )
+    .await;
+    let (sent_bytes, next) = match result {
+        Ok(n) => {
+            let reusable = body_complete
+                && head.keep_alive()
+                && kind != BodyKind::UntilClose
+                && pos == up.buf.len();
+            if reusable {
+                if up.buf.capacity() > KEEP_UPSTREAM_BUF {
+                    up.buf = Vec::new();
+                } else {
+                    up.buf.clear();
+                }
+                ctx.shared.worker.h1_pool.checkin(
+                    &server.key,
+                    up,
+                    upstream.spec.keepalive as usize,
+                );
+            }
+            (n, if close { Next::Close } else { Next::KeepAlive })
+        }
+        Err(PumpError::Read(e)) => {
+            server.stats.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(upstream = %upstream.spec.name, server = %server.spec.address, error = %e, "upstream body failed");
+            (0, Next::Close)
+        }
+        Err(PumpError::Write(_)) => (0, Next::Close),
+    };
+    drop(in_flight);
+    if let Some(log) = log {
+        log.emit(sent_bytes);
+    }
+    next
+}
+
+fn pending_log(
+    ctx: &mut Ctx<'_>,
+    server: &ServerRuntime,
+    status: u16,
+    upstream_time: Duration,
+) -> Option<Box<PendingLog>> {
+    let log = ctx.shared.worker.access_log.as_ref();
+    PendingLog::answered(
+        log,
+        &mut ctx.log,
+        ctx.start,
+        &server.key,
+        status,
+        upstream_time,
+    )
+}
+
+/// WebSocket (or any HTTP/1.1 upgrade): a dedicated upstream connection; the client's
+/// connection is switched only once the upstream answered 101, then bytes flow both
+/// ways until either side closes.
+async fn upgrade(
+    conn: &mut ClientConn,
+    ctx: &mut Ctx<'_>,
+    upstream: &Arc<UpstreamRuntime>,
+    up_head: Vec<u8>,
+) -> Next {
+    let spec = &upstream.spec;
+    let mut tried = Tried::default();
+    let max_attempts = (spec.retries as usize + 1).min(crate::proxy::MAX_ATTEMPTS);
+    let mut last_failure = None;
+    while tried.len() < max_attempts {
+        let Some(index) = upstream.select(&Pick {
+            tried: tried.as_slice(),
+            hash: None,
+        }) else {
+            break;
+        };
+        let server = &upstream.servers[index];
+        let sent_at = Instant::now();
+        let in_flight = InFlight::start(&server.stats);
+        let stream = match connect_tcp(&server.target, spec.connect_timeout).await {
+            Ok(s) => s,
+            Err(e) => {
+                upstream.record_failure(index);
+                tried.push(index);
+                last_failure = Some((index, Failure::Connect(e.to_string())));
+                continue;
+            }
+        };
+        let mut up = UpConn {
+            stream,
+            buf: Vec::new(),
+        };
+        if let Err(e) = up.stream.write_all(&up_head).await {
+            upstream.record_failure(index);
+            last_failure = Some((index, Failure::Upstream(e.to_string())));
+            break;
+        }
+        let head = match response_head(
+            &mut up.stream,
+            &mut up.buf,
+            &mut conn.stream,
+            true,
+            spec.read_timeout,
+        )
+        .await
+        {
+            Ok(h) => h,
+            Err(fail) => {
+                upstream.record_failure(index);
+                last_failure = Some((
+                    index,
+                    match fail {
+                        HeadFail::Timeout => Failure::Timeout,
+                        HeadFail::Closed(e) | HeadFail::Bad(e) => Failure::Upstream(e),
+                    },
+                ));
+                break;
+            }
+        };
+        let elapsed = sent_at.elapsed();
+        server
+            .stats
+            .record_response(&ctx.route, head.status, elapsed.as_micros() as u64);
+        server.stats.record_success();
+        if head.status != 101 {
+            // No switch: an ordinary response, and the client connection stays HTTP.
+            let sent = Sent {
+                up,
+                head,
+                body_complete: false,
+            };
+            return respond(conn, ctx, upstream, server, sent, in_flight, elapsed).await;
+        }
+        let log = pending_log(ctx, server, head.status, elapsed);
+        let mut out = Vec::with_capacity(head.len + 32);
+        head.write_client(
+            &up.buf,
+            &mut out,
+            OutFraming::Same,
+            ClientConnection::Upgrade,
+        );
+        // Bytes that came early from either side go first.
+        out.extend_from_slice(&up.buf[head.len..]);
+        let early = conn.buf.split_off(conn.pos);
+        conn.buf = Vec::new();
+        conn.pos = 0;
+        up.buf = Vec::new();
+        let mut down = 0;
+        if conn.stream.write_all(&out).await.is_ok() && up.stream.write_all(&early).await.is_ok() {
+            if let Ok((_, d)) =
+                tokio::io::copy_bidirectional(&mut conn.stream, &mut up.stream).await
+            {
+                down = d;
+            }
+        }
+        drop(in_flight);
+        // The tunnel is logged when it closes.
+        if let Some(log) = log {
+            log.emit(down);
+        }
+        return Next::Close;
+    }
+    let (status, message) = unanswered(
+        &ctx.shared.worker.counters,
+        upstream,
+        last_failure,
+        ctx.log.as_mut(),
+    );
+    simple(conn, ctx, status.as_u16(), &message, false).await
+}

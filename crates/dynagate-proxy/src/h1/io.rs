@@ -1,0 +1,329 @@
+//! Byte movers of the HTTP/1 path: reading a head into a connection's buffer, copying
+//! one body from one socket to another with its framing, the upstream connection type,
+//! and the replay wrapper that hands an HTTP/2 connection to hyper.
+
+use super::framing::{BodyKind, ChunkedScanner};
+use super::head::OutFraming;
+use crate::pool::Reusable;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Read size while a body streams: large enough that a 1 GiB transfer costs few reads.
+pub const BODY_BUF: usize = 64 * 1024;
+/// Head pieces up to this size are gathered with the body's first bytes into one write.
+const GATHER_MAX: usize = 16 * 1024;
+
+/// A pooled connection to an upstream server. Its read buffer is empty (and released)
+/// while it idles in the pool.
+pub struct UpConn {
+    pub stream: TcpStream,
+    pub buf: Vec<u8>,
+}
+
+impl Reusable for UpConn {
+    /// Readable while idle means the server closed it (or sent bytes nobody asked for).
+    fn is_closed(&self) -> bool {
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        if self.stream.poll_read_ready(&mut cx).is_pending() {
+            return false;
+        }
+        // Readiness can be left over from the last read of the response: ask the socket.
+        let mut probe = [0u8; 1];
+        !matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+/// Which side of a copy failed.
+#[derive(Debug)]
+pub enum PumpError {
+    /// The source failed, closed early, timed out or sent bad framing.
+    Read(String),
+    /// The destination went away.
+    Write(io::Error),
+}
+
+impl std::fmt::Display for PumpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PumpError::Read(e) => write!(f, "{e}"),
+            PumpError::Write(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Reads more bytes into `buf` (growing it by at least `min_room`) within `timeout`.
+/// Ok(0) is end of stream.
+pub async fn read_more<R: AsyncRead + Unpin>(
+    src: &mut R,
+    buf: &mut Vec<u8>,
+    min_room: usize,
+    timeout: Duration,
+) -> Result<usize, String> {
+    if buf.capacity() - buf.len() < min_room {
+        buf.reserve(min_room);
+    }
+    match tokio::time::timeout(timeout, src.read_buf(buf)).await {
+        Ok(Ok(n)) => Ok(n),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+/// Where bytes for the destination gather: a head waiting to go out with the first
+/// body bytes, so a small response costs one write.
+struct Out<'a, W> {
+    dst: &'a mut W,
+    pending: Vec<u8>,
+    sent: u64,
+}
+
+impl<W: AsyncWrite + Unpin> Out<'_, W> {
+    async fn body(&mut self, data: &[u8]) -> Result<(), PumpError> {
+        self.sent += data.len() as u64;
+        if !self.pending.is_empty() && self.pending.len() + data.len() <= GATHER_MAX + BODY_BUF {
+            self.pending.extend_from_slice(data);
+            return Ok(());
+        }
+        self.flush().await?;
+        self.dst.write_all(data).await.map_err(PumpError::Write)
+    }
+
+    /// Framing bytes: not counted as body.
+    fn frame(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
+    }
+
+    async fn flush(&mut self) -> Result<(), PumpError> {
+        if !self.pending.is_empty() {
+            self.dst
+                .write_all(&self.pending)
+                .await
+                .map_err(PumpError::Write)?;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Copies one body from `src` to `dst`: first what is already in `buf[*pos..]`, then
+/// reads. Bytes after the body stay in `buf[*pos..]` (a pipelined request). `head` is
+/// written before (gathered with) the first body bytes. Returns the body bytes sent.
+#[allow(clippy::too_many_arguments)]
+pub async fn pump<R, W>(
+    src: &mut R,
+    buf: &mut Vec<u8>,
+    pos: &mut usize,
+    dst: &mut W,
+    head: Vec<u8>,
+    kind: BodyKind,
+    framing: OutFraming,
+    read_timeout: Duration,
+) -> Result<u64, PumpError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut out = Out {
+        dst,
+        pending: head,
+        sent: 0,
+    };
+    let mut remaining = match kind {
+        BodyKind::Length(n) => n,
+        _ => 0,
+    };
+    let mut chunked = ChunkedScanner::default();
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    loop {
+        let avail = &buf[*pos..];
+        let done = match kind {
+            BodyKind::Empty => true,
+            BodyKind::Length(_) => {
+                let take = avail
+                    .len()
+                    .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+                if take > 0 {
+                    out.body(&avail[..take]).await?;
+                }
+                *pos += take;
+                remaining -= take as u64;
+                remaining == 0
+            }
+            BodyKind::Chunked => {
+                if !avail.is_empty() {
+                    ranges.clear();
+                    let used = chunked
+                        .feed(avail, |a, b| ranges.push((a, b)))
+                        .map_err(|e| PumpError::Read(e.to_string()))?;
+                    if framing == OutFraming::Raw {
+                        for &(a, b) in &ranges {
+                            out.body(&avail[a..b]).await?;
+                        }
+                    } else {
+                        out.body(&avail[..used]).await?;
+                    }
+                    *pos += used;
+                }
+                chunked.is_done()
+            }
+            BodyKind::UntilClose => {
+                if !avail.is_empty() {
+                    if framing == OutFraming::Chunked {
+                        out.frame(format!("{:x}\r\n", avail.len()).as_bytes());
+                        out.body(avail).await?;
+                        out.frame(b"\r\n");
+                    } else {
+                        out.body(avail).await?;
+                    }
+                    *pos = buf.len();
+                }
+                false
+            }
+        };
+        if done {
+            out.flush().await?;
+            return Ok(out.sent);
+        }
+        // Everything buffered went out: wait for more with the head already sent, so a
+        // slow body does not hold back the response head.
+        out.flush().await?;
+        buf.clear();
+        *pos = 0;
+        let n = read_more(src, buf, BODY_BUF, read_timeout)
+            .await
+            .map_err(PumpError::Read)?;
+        if n == 0 {
+            if kind == BodyKind::UntilClose {
+                if framing == OutFraming::Chunked {
+                    out.frame(b"0\r\n\r\n");
+                }
+                out.flush().await?;
+                return Ok(out.sent);
+            }
+            return Err(PumpError::Read(
+                "connection closed before the body ended".into(),
+            ));
+        }
+    }
+}
+
+/// A connection whose first bytes were already read: they are read again first (the
+/// HTTP/2 preface, handed to hyper's HTTP/2 server).
+pub struct Replay {
+    pub read: Vec<u8>,
+    pub pos: usize,
+    pub stream: TcpStream,
+}
+
+impl AsyncRead for Replay {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < this.read.len() {
+            let n = (this.read.len() - this.pos).min(buf.remaining());
+            buf.put_slice(&this.read[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.read.len() {
+                this.read = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Replay {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn run(
+        input: &[u8],
+        already: &[u8],
+        kind: BodyKind,
+        framing: OutFraming,
+    ) -> (Result<u64, PumpError>, Vec<u8>, Vec<u8>) {
+        let (mut a, mut b) = tokio::io::duplex(1 << 20);
+        a.write_all(input).await.unwrap();
+        drop(a);
+        let mut buf = already.to_vec();
+        let mut pos = 0;
+        let mut dst = Vec::new();
+        let r = pump(
+            &mut b,
+            &mut buf,
+            &mut pos,
+            &mut dst,
+            b"HEAD|".to_vec(),
+            kind,
+            framing,
+            Duration::from_secs(5),
+        )
+        .await;
+        (r, dst, buf[pos..].to_vec())
+    }
+
+    #[tokio::test]
+    async fn length_body_leaves_the_pipelined_rest() {
+        let (r, out, rest) = run(b"lo NEXT", b"hel", BodyKind::Length(5), OutFraming::Same).await;
+        assert_eq!(r.unwrap(), 5);
+        assert_eq!(out, b"HEAD|hello");
+        assert_eq!(rest, b" NEXT");
+    }
+
+    #[tokio::test]
+    async fn chunked_through_and_decoded() {
+        let body = b"3\r\nabc\r\n0\r\n\r\n";
+        let (r, out, _) = run(body, b"", BodyKind::Chunked, OutFraming::Same).await;
+        assert_eq!(r.unwrap(), body.len() as u64);
+        assert_eq!(&out[5..], body);
+        let (_, out, _) = run(body, b"", BodyKind::Chunked, OutFraming::Raw).await;
+        assert_eq!(out, b"HEAD|abc");
+    }
+
+    #[tokio::test]
+    async fn until_close_gets_chunked_and_truncation_is_an_error() {
+        let (r, out, _) = run(b"abc", b"", BodyKind::UntilClose, OutFraming::Chunked).await;
+        assert_eq!(r.unwrap(), 3);
+        assert_eq!(out, b"HEAD|3\r\nabc\r\n0\r\n\r\n");
+        let (r, _, _) = run(b"ab", b"", BodyKind::Length(5), OutFraming::Same).await;
+        assert!(matches!(r, Err(PumpError::Read(_))));
+    }
+}
