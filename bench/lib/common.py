@@ -353,6 +353,7 @@ class Admin:
     def __init__(self, port=DG_ADMIN_PORT, token=TOKEN):
         self.port, self.token = port, token
         self.conn = None
+        self.last_timing = {}
 
     def call(self, method, path, body=None):
         data = json.dumps(body).encode() if body is not None else None
@@ -367,6 +368,12 @@ class Admin:
                 self.conn.request(method, path, body=data, headers=headers)
                 r = self.conn.getresponse()
                 out = r.read()
+                # Server-Timing: model;dur=0.012, store;dur=0.410, publish;dur=0.020 (ms)
+                self.last_timing = {}
+                for part in (r.getheader("Server-Timing") or "").split(","):
+                    name, _, dur = part.strip().partition(";dur=")
+                    if dur:
+                        self.last_timing[name] = float(dur) / 1e3
                 return r.status, out, time.perf_counter() - t0
             except (ConnectionError, http.client.HTTPException, OSError):
                 self.conn.close()

@@ -63,7 +63,11 @@ pub fn log_outcome(outcome: &Outcome) {
 }
 
 fn written(outcome: &Outcome) -> Response<Body> {
-    json_response(StatusCode::OK, outcome)
+    let mut resp = json_response(StatusCode::OK, outcome);
+    if let Ok(v) = http::HeaderValue::from_str(&outcome.timing.header_value()) {
+        resp.headers_mut().insert("server-timing", v);
+    }
+    resp
 }
 
 /// `name`/`id` may be left out of a body, or repeated if it equals the path.

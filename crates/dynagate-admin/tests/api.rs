@@ -1147,3 +1147,28 @@ async fn status_and_metrics() {
         assert_eq!(status, 401, "{path}: {resp}");
     }
 }
+
+#[tokio::test]
+async fn changes_report_where_their_time_went() {
+    let h = Harness::start().await;
+    let body = upstream_body(&["127.0.0.1:9001"]);
+    let req = format!(
+        "PUT {SHOP} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let resp = h.raw(req.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let timing = header(&resp, "server-timing").expect("a Server-Timing header");
+    let phases: Vec<(&str, f64)> = timing
+        .split(',')
+        .map(|p| {
+            let (name, dur) = p.trim().split_once(";dur=").expect("name;dur=ms");
+            (name, dur.parse().expect("milliseconds"))
+        })
+        .collect();
+    assert_eq!(
+        phases.iter().map(|p| p.0).collect::<Vec<_>>(),
+        ["model", "store", "publish"]
+    );
+    assert!(phases.iter().all(|p| p.1 >= 0.0), "{timing}");
+}

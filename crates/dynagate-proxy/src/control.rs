@@ -41,6 +41,31 @@ pub struct Outcome {
     pub summary: String,
     /// False when the command asked for the state that was already in force.
     pub changed: bool,
+    /// Where the time went (the admin API reports it as `Server-Timing`).
+    #[serde(skip)]
+    pub timing: Timing,
+}
+
+/// The phases of one change: validated against the model, made durable, published to
+/// the data plane. `store` is mostly the disk's fsync; `model` + `publish` is what
+/// applying the change costs the gateway.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timing {
+    pub model: std::time::Duration,
+    pub store: std::time::Duration,
+    pub publish: std::time::Duration,
+}
+
+impl Timing {
+    /// The `Server-Timing` header value (RFC: durations in milliseconds).
+    pub fn header_value(&self) -> String {
+        format!(
+            "model;dur={:.3}, store;dur={:.3}, publish;dur={:.3}",
+            self.model.as_secs_f64() * 1e3,
+            self.store.as_secs_f64() * 1e3,
+            self.publish.as_secs_f64() * 1e3
+        )
+    }
 }
 
 /// Live view of one server, for the admin API, the CLI and the dashboard.
@@ -198,12 +223,18 @@ impl Controller {
     /// Validates, commits and publishes one command. Nothing changes unless all succeed.
     pub fn execute(&self, command: Command) -> Result<Outcome, ControlError> {
         let mut inner = self.inner.lock();
+        let started = std::time::Instant::now();
         let applied = inner.config.apply(command)?;
+        let mut timing = Timing {
+            model: started.elapsed(),
+            ..Timing::default()
+        };
         if applied.changes.is_empty() {
             return Ok(Outcome {
                 revision: inner.revision,
                 summary: format!("{} (no change)", applied.summary),
                 changed: false,
+                timing,
             });
         }
         let revision = Revision {
@@ -212,14 +243,19 @@ impl Controller {
             summary: applied.summary,
             changes: applied.changes,
         };
+        let stored = std::time::Instant::now();
         self.store.commit(&revision)?;
+        timing.store = stored.elapsed();
+        let published = std::time::Instant::now();
         inner.config = applied.config;
         inner.revision = revision.number;
         self.publish(&inner.config, &revision);
+        timing.publish = published.elapsed();
         Ok(Outcome {
             revision: revision.number,
             summary: revision.summary,
             changed: true,
+            timing,
         })
     }
 
