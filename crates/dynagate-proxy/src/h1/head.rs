@@ -716,3 +716,90 @@ mod tests {
         assert!(!h.keep_alive());
     }
 }
+
+/// Malformed and random input never panics the head code (a cheap fuzz: mutations of
+/// valid heads plus random bytes, deterministic seed).
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    const SEEDS: [&str; 4] = [
+        "GET http://a.b:1/x?y=1 HTTP/1.1\r\nHost: h\r\nConnection: close, X-A\r\nX-A: 1\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n",
+        "POST /u HTTP/1.0\r\nContent-Length: 10\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 5\r\nConnection: X-B\r\nX-B: 2\r\n\r\n",
+        "HTTP/1.0 101 \r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+    ];
+    const NOISE: &[u8] = b" \r\n:,;\t\x00\xffHTTP/1.01chunkedcontent-length";
+
+    fn exercise(buf: &[u8]) {
+        if let Ok(Parsed::Complete(h)) = RequestHead::parse(buf, 100) {
+            let _ = (h.method(buf), h.target(buf), h.path(buf), h.query(buf), h.host(buf));
+            let _ = (h.screen(), h.body(), h.keep_alive(), h.is_upgrade(), h.is_head(buf));
+            let _ = h.headers_named(buf, "cookie").count();
+            let mut out = Vec::new();
+            for upgrade in [false, true] {
+                h.write_upstream(
+                    buf,
+                    &mut out,
+                    &UpstreamHeadCtx {
+                        client_ip: "10.0.0.1",
+                        upstream_host: Some(b"up"),
+                        upgrade,
+                    },
+                );
+            }
+        }
+        if let Ok(Parsed::Complete(h)) = ResponseHead::parse(buf) {
+            let _ = (h.body(false), h.body(true), h.keep_alive(), h.is_interim());
+            let mut out = Vec::new();
+            for f in [OutFraming::Same, OutFraming::Chunked, OutFraming::Raw] {
+                for c in [
+                    ClientConnection::Default,
+                    ClientConnection::Close,
+                    ClientConnection::KeepAlive,
+                    ClientConnection::Upgrade,
+                ] {
+                    h.write_client(buf, &mut out, f, c);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn no_input_panics() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for round in 0..20_000 {
+            let mut buf = SEEDS[round % SEEDS.len()].as_bytes().to_vec();
+            for _ in 0..1 + rng.below(4) {
+                let at = rng.below(buf.len() + 1);
+                match rng.below(3) {
+                    0 if at < buf.len() => buf[at] = NOISE[rng.below(NOISE.len())],
+                    1 => buf.insert(at, NOISE[rng.below(NOISE.len())]),
+                    _ if at < buf.len() => {
+                        buf.remove(at);
+                    }
+                    _ => {}
+                }
+            }
+            exercise(&buf);
+            let random: Vec<u8> = (0..rng.below(200)).map(|_| rng.next() as u8).collect();
+            exercise(&random);
+            let mut scanner = super::super::framing::ChunkedScanner::default();
+            let _ = scanner.feed(&random, |_, _| {});
+            let _ = scanner.feed(&buf, |_, _| {});
+        }
+    }
+}
