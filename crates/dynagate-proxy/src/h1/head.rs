@@ -746,8 +746,20 @@ mod fuzz {
 
     fn exercise(buf: &[u8]) {
         if let Ok(Parsed::Complete(h)) = RequestHead::parse(buf, 100) {
-            let _ = (h.method(buf), h.target(buf), h.path(buf), h.query(buf), h.host(buf));
-            let _ = (h.screen(), h.body(), h.keep_alive(), h.is_upgrade(), h.is_head(buf));
+            let _ = (
+                h.method(buf),
+                h.target(buf),
+                h.path(buf),
+                h.query(buf),
+                h.host(buf),
+            );
+            let _ = (
+                h.screen(),
+                h.body(),
+                h.keep_alive(),
+                h.is_upgrade(),
+                h.is_head(buf),
+            );
             let _ = h.headers_named(buf, "cookie").count();
             let mut out = Vec::new();
             for upgrade in [false, true] {

@@ -12,8 +12,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-/// Read size while a body streams: large enough that a 1 GiB transfer costs few reads.
+/// Read size while a body streams; doubled after every read that filled it, up to
+/// `MAX_BODY_BUF`, so a large transfer costs few reads and a small one little memory.
 pub const BODY_BUF: usize = 64 * 1024;
+const MAX_BODY_BUF: usize = 512 * 1024;
 /// Head pieces up to this size are gathered with the body's first bytes into one write.
 const GATHER_MAX: usize = 16 * 1024;
 
@@ -138,6 +140,7 @@ where
     };
     let mut chunked = ChunkedScanner::default();
     let mut ranges: Vec<(usize, usize)> = Vec::new();
+    let mut room = BODY_BUF;
     loop {
         let avail = &buf[*pos..];
         let done = match kind {
@@ -193,9 +196,12 @@ where
         out.flush().await?;
         buf.clear();
         *pos = 0;
-        let n = read_more(src, buf, BODY_BUF, read_timeout)
+        let n = read_more(src, buf, room, read_timeout)
             .await
             .map_err(PumpError::Read)?;
+        if n == buf.capacity() && room < MAX_BODY_BUF {
+            room *= 2;
+        }
         if n == 0 {
             if kind == BodyKind::UntilClose {
                 if framing == OutFraming::Chunked {
