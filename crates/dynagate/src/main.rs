@@ -1,5 +1,8 @@
 //! `dynagate`: run the gateway, check a configuration file, or drive a running gateway.
 
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 mod bridge;
 mod ctl;
 mod run;
