@@ -148,8 +148,10 @@ pub struct Registry {
     pub(crate) check_permits: Arc<Semaphore>,
     /// Blocking queries waiting now.
     pub(crate) watchers: std::sync::atomic::AtomicUsize,
-    /// Serialized answers by request key: (global index, resource index, body).
-    pub(crate) rendered: Mutex<HashMap<String, (u64, u64, bytes::Bytes)>>,
+    /// Read answers by request key, each valid at the global index it was rendered at.
+    pub(crate) rendered: Mutex<HashMap<String, Arc<blocking::Prepared>>>,
+    /// Blocking queries waiting for a change.
+    pub(crate) fanout: blocking::Fanout,
     weak_self: Weak<Registry>,
 }
 
@@ -226,6 +228,7 @@ impl Registry {
             check_permits: Arc::new(Semaphore::new(options.check_concurrency)),
             watchers: std::sync::atomic::AtomicUsize::new(0),
             rendered: Mutex::new(HashMap::new()),
+            fanout: blocking::Fanout::default(),
             opts: options,
             store,
             state: RwLock::new(state),
