@@ -887,6 +887,9 @@ def main():
                db_mib=st and db_mib, restart_s=restart_s,
                routing_empty_ms=r_empty and [x * 1e3 for x in r_empty["lat"]],
                routing_loaded_ms=r_full and [x * 1e3 for x in r_full["lat"]],
+               routing_empty_ack_ms=r_empty and [x * 1e3 for x in r_empty["acks"]],
+               routing_loaded_ack_ms=r_full and [x * 1e3 for x in r_full["acks"]],
+               routing_loaded_polls=r_full and r_full["polls"],
                watchers_spread=spread, watchers_one=one)
     save("fig8" if PARTS == ALL_PARTS else "fig8-partial", rows, raw)
 

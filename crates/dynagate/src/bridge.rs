@@ -1,7 +1,8 @@
 //! Registered services become upstreams: after every registry change, each changed
 //! service's instances (and each changed nginx-upsync KV upstream) are applied to the
 //! gateway as a `SyncRegistry` command — validated, committed and published like any
-//! other change. Deregistered instances leave the upstream (in-flight requests finish);
+//! other change; the upstreams of one pass go in one revision (`SyncRegistryBatch`, one
+//! commit) when there are several. Deregistered instances leave the upstream (in-flight requests finish);
 //! instances whose checks fail stay members that take no new requests, i.e. they drain.
 //!
 //! Incremental: the registry logs which upstream names each change touched, so a pass
@@ -79,7 +80,7 @@ pub struct Bridge {
 pub struct PassReport {
     /// Whether every derived upstream was compared (else only the changed names).
     pub full: bool,
-    /// Upstreams a `SyncRegistry` command changed.
+    /// Upstreams a `SyncRegistry` (or `SyncRegistryBatch`) command changed.
     pub applied: Vec<String>,
 }
 
@@ -107,8 +108,7 @@ impl Bridge {
         // Our own revisions are accounted for; any other one in between calls for a full
         // pass next time.
         let after = controller.revision();
-        self.expected_revision =
-            (after == revision + outcome.applied.len() as u64).then_some(after);
+        self.expected_revision = (after == revision + outcome.revisions).then_some(after);
         self.synced_index = Some(update.index);
         self.retry = outcome.failed;
         (
@@ -162,31 +162,53 @@ fn registry_view(servers: &[Server]) -> Vec<(&str, u32, bool, Option<RegistrySta
 #[derive(Debug, Default)]
 struct SyncOutcome {
     refused: Vec<(String, String)>,
-    /// Upstreams changed (one revision each).
+    /// Upstreams changed.
     applied: Vec<String>,
+    /// Gateway revisions made.
+    revisions: u64,
     /// Names to try again next pass.
     failed: BTreeSet<String>,
 }
 
 impl SyncOutcome {
-    fn apply(&mut self, controller: &Controller, name: &str, servers: Vec<Server>) {
+    fn apply(&mut self, controller: &Controller, name: String, servers: Vec<Server>) {
         let command = Command::SyncRegistry {
-            upstream: name.to_string(),
+            upstream: name.clone(),
             servers,
         };
         match controller.execute(command) {
             Ok(o) => {
                 if o.changed {
-                    self.applied.push(name.to_string());
+                    self.revisions += 1;
+                    self.applied.push(name);
                 }
             }
-            Err(ControlError::Model(ModelError::Conflict(why))) => {
-                self.refused.push((name.to_string(), why))
-            }
+            Err(ControlError::Model(ModelError::Conflict(why))) => self.refused.push((name, why)),
             Err(e) => {
-                self.failed.insert(name.to_string());
-                self.refused.push((name.to_string(), e.to_string()));
+                self.failed.insert(name.clone());
+                self.refused.push((name, e.to_string()));
             }
+        }
+    }
+
+    /// Applies all of them in one revision (one commit) when there are several; if that is
+    /// refused, one by one, so that one refused upstream does not hold up the others.
+    fn apply_all(&mut self, controller: &Controller, mut todo: Vec<(String, Vec<Server>)>) {
+        if todo.len() > 1 {
+            let names: Vec<String> = todo.iter().map(|(n, _)| n.clone()).collect();
+            let command = Command::SyncRegistryBatch {
+                upstreams: todo.clone(),
+            };
+            if let Ok(o) = controller.execute(command) {
+                if o.changed {
+                    self.revisions += 1;
+                    self.applied.extend(names);
+                }
+                return;
+            }
+        }
+        for (name, servers) in todo.drain(..) {
+            self.apply(controller, name, servers);
         }
     }
 }
@@ -196,7 +218,8 @@ impl SyncOutcome {
 fn sync(controller: &Controller, update: &UpstreamUpdate) -> SyncOutcome {
     let config = controller.config();
     let mut out = SyncOutcome::default();
-    // Brings one upstream in line with the registry (`None`: nothing of it is left).
+    let mut todo: Vec<(String, Vec<Server>)> = Vec::new();
+    // What one upstream needs to match the registry (`None`: nothing of it is left).
     let mut one = |name: &str, members: Option<&Vec<UpstreamServer>>| {
         let current = config.upstreams.get(name);
         match members {
@@ -212,7 +235,7 @@ fn sync(controller: &Controller, update: &UpstreamUpdate) -> SyncOutcome {
                 let unchanged =
                     current.is_some_and(|u| registry_view(&u.servers) == registry_view(&servers));
                 if !unchanged {
-                    out.apply(controller, name, servers);
+                    todo.push((name.to_string(), servers));
                 }
             }
             // A service that is gone entirely: its upstream keeps existing (routes may
@@ -220,7 +243,7 @@ fn sync(controller: &Controller, update: &UpstreamUpdate) -> SyncOutcome {
             // address.
             None => {
                 if current.is_some_and(|u| u.registry_fed && !u.servers.is_empty()) {
-                    out.apply(controller, name, Vec::new());
+                    todo.push((name.to_string(), Vec::new()));
                 }
             }
         }
@@ -242,6 +265,7 @@ fn sync(controller: &Controller, update: &UpstreamUpdate) -> SyncOutcome {
             }
         }
     }
+    out.apply_all(controller, todo);
     out
 }
 
@@ -339,9 +363,11 @@ mod tests {
         t.register("a", "a1", 1001).await;
         t.register("b", "b1", 2001).await;
         let mut bridge = Bridge::default();
+        let before = t.controller.revision();
         let first = t.pass(&mut bridge);
         assert!(first.full, "the first pass looks at everything");
         assert_eq!(first.applied, ["a", "b"]);
+        assert_eq!(t.controller.revision(), before + 1, "one revision for both");
 
         t.register("a", "a2", 1002).await;
         let r = t.pass(&mut bridge);
