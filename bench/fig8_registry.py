@@ -47,6 +47,16 @@ WATCH_ROUNDS_SPREAD = 4 if QUICK else 20
 ROUTE_SAMPLES = 10 if QUICK else 60
 ROUTE_HOST = "routed.example"
 ORIGIN_BASE = BASE + 130                      # ports of the "answers with its port" origin
+# Parts to run (comma-separated; default all): rates (instance 1: routing on an empty
+# registry, registration rates), routing (registration -> routed with the loaded state),
+# spread / one (the two watcher layouts), idle (RSS per idle connection). The 10,000-instance
+# state is loaded whenever one of the last four runs. A partial run saves fig8-partial.json.
+ALL_PARTS = {"rates", "routing", "spread", "one", "idle"}
+PARTS = set(p for p in os.environ.get("BENCH_FIG8_PARTS", ",".join(sorted(ALL_PARTS))).split(",")
+            if p)
+# With BENCH_FIG8_PERF=<dir>: `perf record -g` of dynagate during each watcher layout's
+# answer rounds, written to <dir>/perf-<layout>.data (diagnosis only).
+PERF_DIR = os.environ.get("BENCH_FIG8_PERF")
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)   # Linux value, not in Python's module
 
 
@@ -477,6 +487,13 @@ def watcher_rounds(dg, layout, rounds):
     log(f"  {layout}: {w.open} watchers waiting (set up in {setup_s:.1f}s); RSS "
         f"{rss_before / 1024:.1f} -> {rss_waiting / 1024:.1f} MiB; fds {fds_before} -> "
         f"{fd_count(dg.proc.pid)}")
+    perf = None
+    if PERF_DIR:
+        perf = subprocess.Popen(["perf", "record", "-g", "-F", "999", "-k", "CLOCK_MONOTONIC",
+                                 "-p", str(dg.proc.pid),
+                                 "-o", os.path.join(PERF_DIR, f"perf-{layout}.data")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1)
     per_round = []
     all_lat, all_lat_ack = [], []
     spurious = missing = 0
@@ -493,6 +510,7 @@ def watcher_rounds(dg, layout, rounds):
         time.sleep(0.05)
         c0 = cpu_seconds(dg.pids())
         t_write = time.time_ns()
+        t_mono = time.monotonic()
         ack = reg.register(svc, f"{svc}-extra-{layout}-{k}", "10.255.0.1", 9000 + k)
         t_ack = time.time_ns()
         answers = w.wait(svc, expected, 60)
@@ -512,14 +530,18 @@ def watcher_rounds(dg, layout, rounds):
              "min_ms": min(lat) if lat else None, "cpu_s": cpu,
              "bytes": sum(a["bytes"] for a in mine),
              "client_lag_p99_ms": pct(client_lag, 99), "probe_registry_max_ms": probe_reg_ms,
-             "probe_admin_max_ms": probe_admin_ms}
+             "probe_admin_max_ms": probe_admin_ms, "t_write_monotonic": t_mono}
         per_round.append(r)
         log(f"  {layout} round {k}: write ack {ack * 1e3:.2f} ms; {len(mine)}/{expected} answered "
             f"p50 {fmt(r['p50_ms'])} p99 {fmt(r['p99_ms'])} max {fmt(r['max_ms'])} ms after the "
             f"write was sent (first {fmt(r['min_ms'])} ms); others answered {r['others_answered']}; "
             f"dynagate CPU {cpu * 1e3:.0f} ms; {r['bytes'] / 1e6:.1f} MB of answers; "
             f"client lag p99 {fmt(r['client_lag_p99_ms'])} ms; meanwhile slowest registry "
-            f"/v1/status/leader {fmt(probe_reg_ms)} ms, admin GET /v1/routes {fmt(probe_admin_ms)} ms")
+            f"/v1/status/leader {fmt(probe_reg_ms)} ms, admin GET /v1/routes {fmt(probe_admin_ms)} ms"
+            + (f"; write sent at CLOCK_MONOTONIC {t_mono:.6f}" if PERF_DIR else ""))
+    if perf is not None:
+        perf.send_signal(signal.SIGINT)
+        perf.wait(60)
     rss_after = rss_kib(dg.pids())
     w.quit()
     # Do watchers whose client went away leave? (count them a few seconds later)
@@ -710,6 +732,9 @@ def main():
     nofile = raise_nofile()
     if nofile < 2 * WATCHERS + 1000:
         log(f"  RLIMIT_NOFILE is only {nofile}: watchers may fail")
+    unknown = PARTS - ALL_PARTS
+    if unknown:
+        raise SystemExit(f"BENCH_FIG8_PARTS: unknown part(s) {sorted(unknown)}; known {sorted(ALL_PARTS)}")
     ports = [ORIGIN_BASE + i for i in range(ROUTE_SAMPLES + 1)]
     ensure_free(*ports, BASE + 95, DG_REGISTRY_PORT)
     origin = Nginx("reg-origin", origin_conf(ports), LOAD_CPU)
@@ -717,87 +742,104 @@ def main():
     if LOAD_CPU:
         os.sched_setaffinity(0, {int(LOAD_CPU)})   # clients on the load core
     raw = {}
+    rates = r_empty = st = r_full = spread = one = None
+    fsyncs = restart_s = conn_kib = None
 
     # -- instance 1: routing latency on a nearly empty registry, then registration rates
-    dg = start_dynagate("dg-reg", (BASE + 93, BASE + 94, BASE + 95))
-    fsyncs = fsync_rate(dg.data)
-    r_empty = routing_latency(dg, ports, "empty")
-    log(f"  registration -> routed (empty registry): p50 {pct(r_empty['lat'], 50) * 1e3:.2f} ms "
-        f"p99 {pct(r_empty['lat'], 99) * 1e3:.2f} ms max {max(r_empty['lat']) * 1e3:.2f} ms; "
-        f"ack p50 {pct(r_empty['acks'], 50) * 1e3:.2f} ms; polls p50 {pct(r_empty['polls'], 50)}")
-    rates = registration_rates(dg)
-    log(f"  disk: {fsyncs:.0f} fsyncs/s (4 KiB write + fsync); registrations: sequential "
-        f"{rates['seq_rate']:.0f}/s (p50 {ms(rates['seq_p50']):.2f} ms p99 {ms(rates['seq_p99']):.2f} ms), "
-        f"{CONC_CLIENTS} clients {rates['conc_rate']:.0f}/s (p50 {ms(rates['conc_p50']):.2f} ms "
-        f"p99 {ms(rates['conc_p99']):.2f} ms)")
-    dg.stop()
+    if "rates" in PARTS:
+        dg = start_dynagate("dg-reg", (BASE + 93, BASE + 94, BASE + 95))
+        fsyncs = fsync_rate(dg.data)
+        r_empty = routing_latency(dg, ports, "empty")
+        log(f"  registration -> routed (empty registry): p50 {pct(r_empty['lat'], 50) * 1e3:.2f} ms "
+            f"p99 {pct(r_empty['lat'], 99) * 1e3:.2f} ms max {max(r_empty['lat']) * 1e3:.2f} ms; "
+            f"ack p50 {pct(r_empty['acks'], 50) * 1e3:.2f} ms; polls p50 {pct(r_empty['polls'], 50)}")
+        rates = registration_rates(dg)
+        log(f"  disk: {fsyncs:.0f} fsyncs/s (4 KiB write + fsync); registrations: sequential "
+            f"{rates['seq_rate']:.0f}/s (p50 {ms(rates['seq_p50']):.2f} ms p99 {ms(rates['seq_p99']):.2f} ms), "
+            f"{CONC_CLIENTS} clients {rates['conc_rate']:.0f}/s (p50 {ms(rates['conc_p50']):.2f} ms "
+            f"p99 {ms(rates['conc_p99']):.2f} ms)")
+        dg.stop()
 
     # -- instance 2: the 10,000-instance state, routing at that size, watchers
-    dg = start_dynagate("dg-state", (DG_PORT, DG_ADMIN_PORT, DG_REGISTRY_PORT))
-    time.sleep(0.5)
-    rss_empty = rss_kib(dg.pids())
-    st = load_state(dg)
-    time.sleep(2)
-    rss_loaded = rss_kib(dg.pids())
-    db_mib = sum(os.path.getsize(os.path.join(dg.data, f)) for f in os.listdir(dg.data)
-                 if f.startswith("registry.db")) / (1 << 20)
-    log(f"  loaded {st['total']} instances / {SERVICES} services in {st['load_s']:.1f}s "
-        f"({st['total'] / st['load_s']:.0f}/s; per call first 1,000 p50 {ms(st['first_p50']):.2f} ms, "
-        f"last 1,000 p50 {ms(st['last_p50']):.2f} ms p99 {ms(st['last_p99']):.2f} ms); gateway had "
-        f"{st['gateway_servers']} servers {st['synced_s']:.1f}s after the start; RSS "
-        f"{rss_empty / 1024:.1f} -> {rss_loaded / 1024:.1f} MiB; registry.db* {db_mib:.1f} MiB")
-    r_full = routing_latency(dg, ports, "loaded")
-    log(f"  registration -> routed ({st['total']} instances): p50 {pct(r_full['lat'], 50) * 1e3:.2f} ms "
-        f"p99 {pct(r_full['lat'], 99) * 1e3:.2f} ms max {max(r_full['lat']) * 1e3:.2f} ms; "
-        f"ack p50 {pct(r_full['acks'], 50) * 1e3:.2f} ms")
-    spread = watcher_rounds(dg, "spread", WATCH_ROUNDS_SPREAD)
-    # a fresh process for the second layout (same data dir): no leftovers of the first
-    dg.stop()
-    t = time.perf_counter()
-    dg.start()
-    wait_port(dg.registry_port, 60)
-    restart_s = time.perf_counter() - t
-    time.sleep(1)
-    one = watcher_rounds(dg, "one", WATCH_ROUNDS_ONE)
-    dg.stop()
-    dg.start()
-    wait_port(dg.registry_port, 60)
-    time.sleep(1)
-    conn_kib, conn_n = idle_connection_cost(dg, WATCHERS)
-    log(f"  {conn_n} plain keep-alive registry connections (fresh process, same state): "
-        f"{conn_kib:.1f} KiB of RSS each")
-    spread["idle_conn_kib"] = one["idle_conn_kib"] = conn_kib
-    dg.stop()
+    if PARTS & {"state", "routing", "spread", "one", "idle"}:
+        dg = start_dynagate("dg-state", (DG_PORT, DG_ADMIN_PORT, DG_REGISTRY_PORT))
+        time.sleep(0.5)
+        rss_empty = rss_kib(dg.pids())
+        st = load_state(dg)
+        time.sleep(2)
+        rss_loaded = rss_kib(dg.pids())
+        db_mib = sum(os.path.getsize(os.path.join(dg.data, f)) for f in os.listdir(dg.data)
+                     if f.startswith("registry.db")) / (1 << 20)
+        log(f"  loaded {st['total']} instances / {SERVICES} services in {st['load_s']:.1f}s "
+            f"({st['total'] / st['load_s']:.0f}/s; per call first 1,000 p50 {ms(st['first_p50']):.2f} ms, "
+            f"last 1,000 p50 {ms(st['last_p50']):.2f} ms p99 {ms(st['last_p99']):.2f} ms); gateway had "
+            f"{st['gateway_servers']} servers {st['synced_s']:.1f}s after the start; RSS "
+            f"{rss_empty / 1024:.1f} -> {rss_loaded / 1024:.1f} MiB; registry.db* {db_mib:.1f} MiB")
+        if "routing" in PARTS:
+            r_full = routing_latency(dg, ports, "loaded")
+            log(f"  registration -> routed ({st['total']} instances): p50 {pct(r_full['lat'], 50) * 1e3:.2f} ms "
+                f"p99 {pct(r_full['lat'], 99) * 1e3:.2f} ms max {max(r_full['lat']) * 1e3:.2f} ms; "
+                f"ack p50 {pct(r_full['acks'], 50) * 1e3:.2f} ms")
+        if "spread" in PARTS:
+            spread = watcher_rounds(dg, "spread", WATCH_ROUNDS_SPREAD)
+        # a fresh process for the second layout (same data dir): no leftovers of the first
+        dg.stop()
+        t = time.perf_counter()
+        dg.start()
+        wait_port(dg.registry_port, 60)
+        restart_s = time.perf_counter() - t
+        time.sleep(1)
+        if "one" in PARTS:
+            one = watcher_rounds(dg, "one", WATCH_ROUNDS_ONE)
+            dg.stop()
+            dg.start()
+            wait_port(dg.registry_port, 60)
+            time.sleep(1)
+        if "idle" in PARTS:
+            conn_kib, conn_n = idle_connection_cost(dg, WATCHERS)
+            log(f"  {conn_n} plain keep-alive registry connections (fresh process, same state): "
+                f"{conn_kib:.1f} KiB of RSS each")
+        for res in (spread, one):
+            if res is not None:
+                res["idle_conn_kib"] = conn_kib
+        dg.stop()
     origin.stop()
 
     na = "n/a (nginx has no registry)"
     w_label = f"{WATCHERS:,} watchers"
-    rows = [
-        row("durable registrations/s, 1 client, sequential", na, rates["seq_rate"], "/s",
-            "info (each write fsynced)", ratio=None,
-            note=f"{SEQ_REGS} registrations (TTL 30s check, passing) over 100 services; per call "
-                 f"p50 {ms(rates['seq_p50']):.2f} ms p99 {ms(rates['seq_p99']):.2f} ms; dynagate CPU "
-                 f"{rates['seq_cpu_ms']:.2f} ms per registration; the disk does "
-                 f"{fsyncs:.0f} fsyncs/s (4 KiB pwrite + fsync)"),
-        row(f"durable registrations/s, {CONC_CLIENTS} concurrent clients", na, rates["conc_rate"], "/s",
-            "info (each write fsynced)", ratio=None,
-            note=f"{CONC_REGS} registrations, keep-alive HTTP/1.1 each; per call p50 "
-                 f"{ms(rates['conc_p50']):.2f} ms p99 {ms(rates['conc_p99']):.2f} ms; dynagate CPU "
-                 f"{rates['conc_cpu_ms']:.2f} ms per registration; "
-                 f"{rates['conc_rate'] / rates['seq_rate']:.2f}× the sequential rate"),
-        row(f"load {st['total']:,} instances / {SERVICES:,} services ({CONC_CLIENTS} clients)", na,
-            st["load_s"], "s", "info", ratio=None,
-            note=f"{st['total'] / st['load_s']:.0f} registrations/s; per call first 1,000 p50 "
-                 f"{ms(st['first_p50']):.2f} ms, last 1,000 p50 {ms(st['last_p50']):.2f} ms p99 "
-                 f"{ms(st['last_p99']):.2f} ms; gateway upstreams held all {st['gateway_servers']:,} "
-                 f"instances {st['synced_s']:.1f}s after the first registration; restart with this "
-                 f"state to registry listening {restart_s:.2f}s"),
-        row(f"resident memory with {st['total']:,} instances / {SERVICES:,} services", na,
-            rss_loaded / 1024, "MiB", "info", ratio=None,
-            note=f"empty {rss_empty / 1024:.1f} MiB; registry.db + WAL {db_mib:.1f} MiB; the gateway "
-                 f"also holds them as {SERVICES:,} upstreams"),
-    ]
+    rows = []
+    if rates is not None:
+        rows += [
+            row("durable registrations/s, 1 client, sequential", na, rates["seq_rate"], "/s",
+                "info (each write fsynced)", ratio=None,
+                note=f"{SEQ_REGS} registrations (TTL 30s check, passing) over 100 services; per call "
+                     f"p50 {ms(rates['seq_p50']):.2f} ms p99 {ms(rates['seq_p99']):.2f} ms; dynagate CPU "
+                     f"{rates['seq_cpu_ms']:.2f} ms per registration; the disk does "
+                     f"{fsyncs:.0f} fsyncs/s (4 KiB pwrite + fsync)"),
+            row(f"durable registrations/s, {CONC_CLIENTS} concurrent clients", na, rates["conc_rate"], "/s",
+                "info (each write fsynced)", ratio=None,
+                note=f"{CONC_REGS} registrations, keep-alive HTTP/1.1 each; per call p50 "
+                     f"{ms(rates['conc_p50']):.2f} ms p99 {ms(rates['conc_p99']):.2f} ms; dynagate CPU "
+                     f"{rates['conc_cpu_ms']:.2f} ms per registration; "
+                     f"{rates['conc_rate'] / rates['seq_rate']:.2f}× the sequential rate"),
+        ]
+    if st is not None:
+        rows += [
+            row(f"load {st['total']:,} instances / {SERVICES:,} services ({CONC_CLIENTS} clients)", na,
+                st["load_s"], "s", "info", ratio=None,
+                note=f"{st['total'] / st['load_s']:.0f} registrations/s; per call first 1,000 p50 "
+                     f"{ms(st['first_p50']):.2f} ms, last 1,000 p50 {ms(st['last_p50']):.2f} ms p99 "
+                     f"{ms(st['last_p99']):.2f} ms; gateway upstreams held all {st['gateway_servers']:,} "
+                     f"instances {st['synced_s']:.1f}s after the first registration; restart with this "
+                     f"state to registry listening {restart_s:.2f}s"),
+            row(f"resident memory with {st['total']:,} instances / {SERVICES:,} services", na,
+                rss_loaded / 1024, "MiB", "info", ratio=None,
+                note=f"empty {rss_empty / 1024:.1f} MiB; registry.db + WAL {db_mib:.1f} MiB; the gateway "
+                     f"also holds them as {SERVICES:,} upstreams"),
+        ]
     for res in (spread, one):
+        if res is None:
+            continue
         where = ("5 per service over all " + f"{SERVICES:,} services" if res["layout"] == "spread"
                  else "all on one service (svc0)")
         rows.append(row(f"resident memory with {w_label} waiting, {where}", na,
@@ -806,7 +848,7 @@ def main():
                         note=f"before the watchers {res['rss_before_mib']:.1f} MiB (the "
                              f"{st['total']:,}-instance state), i.e. {res['watcher_kib']:.1f} KiB per "
                              f"watcher (a plain keep-alive registry connection costs "
-                             f"{res['idle_conn_kib']:.1f} KiB); after the answer rounds "
+                             f"{fmt(res['idle_conn_kib'])} KiB); after the answer rounds "
                              f"{res['rss_after_mib']:.1f} MiB; 3 s after the client closed its "
                              f"connections {fmt(res['watchers_left_after_close'])} watchers still "
                              f"counted"))
@@ -827,7 +869,9 @@ def main():
                              f"{fmt(res['probe_registry_max_ms'])} ms and admin GET /v1/routes "
                              f"{fmt(res['probe_admin_max_ms'])} ms"))
     for tag, r, label in (("empty", r_empty, "1 other service"),
-                          ("loaded", r_full, f"{st['total']:,} instances loaded")):
+                          ("loaded", r_full, st and f"{st['total']:,} instances loaded")):
+        if r is None:
+            continue
         p99 = pct(r["lat"], 99)
         rows.append(row(f"registration → gateway routes to the new instance, p99 ({label})", na,
                         p99 * 1e3, "ms", "p99 ≤ 50 ms", ratio=None, ok=p99 <= 0.050,
@@ -838,12 +882,16 @@ def main():
                              f"{r['cpu_ms_per_sample']:.1f} ms per sample (one registration + one "
                              f"deregistration, the bridge's passes included); proxy GETs per "
                              f"sample median {median(r['polls'])}; non-200 answers {r['non200']}"))
-    raw.update(fsyncs_per_s=fsyncs, rates=rates, state=st, rss_empty_kib=rss_empty,
-               rss_loaded_kib=rss_loaded, db_mib=db_mib, restart_s=restart_s,
-               routing_empty_ms=[x * 1e3 for x in r_empty["lat"]],
-               routing_loaded_ms=[x * 1e3 for x in r_full["lat"]],
+    raw.update(parts=sorted(PARTS), fsyncs_per_s=fsyncs, rates=rates, state=st,
+               rss_empty_kib=st and rss_empty, rss_loaded_kib=st and rss_loaded,
+               db_mib=st and db_mib, restart_s=restart_s,
+               routing_empty_ms=r_empty and [x * 1e3 for x in r_empty["lat"]],
+               routing_loaded_ms=r_full and [x * 1e3 for x in r_full["lat"]],
+               routing_empty_ack_ms=r_empty and [x * 1e3 for x in r_empty["acks"]],
+               routing_loaded_ack_ms=r_full and [x * 1e3 for x in r_full["acks"]],
+               routing_loaded_polls=r_full and r_full["polls"],
                watchers_spread=spread, watchers_one=one)
-    save("fig8", rows, raw)
+    save("fig8" if PARTS == ALL_PARTS else "fig8-partial", rows, raw)
 
 
 if __name__ == "__main__":

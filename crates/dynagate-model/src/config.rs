@@ -40,6 +40,11 @@ pub enum Command {
         upstream: String,
         servers: Vec<Server>,
     },
+    /// Several `SyncRegistry` in one revision (one commit): the registry bridge's pass
+    /// after a burst of registrations. Refused as a whole if any one is refused.
+    SyncRegistryBatch {
+        upstreams: Vec<(String, Vec<Server>)>,
+    },
     AddServer {
         upstream: String,
         server: Server,
@@ -123,6 +128,7 @@ impl Config {
         // Keys the command touches; only these are compared, so the cost of a change
         // does not grow with the number of upstreams and routes.
         let mut touched_upstream: Option<String> = None;
+        let mut touched_upstreams: Vec<String> = Vec::new();
         let mut touched_route: Option<String> = None;
         let mut whole = false;
         match command {
@@ -204,35 +210,7 @@ impl Config {
                 touched_upstream = Some(upstream);
             }
             Command::SyncRegistry { upstream, servers } => {
-                let mut up = match self.upstreams.get(&upstream) {
-                    Some(old) if !old.registry_fed => {
-                        return Err(ModelError::Conflict(format!(
-                            "upstream {upstream:?} is managed through the admin API; the registry service of that name is not applied"
-                        )));
-                    }
-                    Some(old) => (**old).clone(),
-                    None => Upstream {
-                        registry_fed: true,
-                        ..Upstream::new(upstream.clone(), Vec::new())
-                    },
-                };
-                let overrides: std::collections::HashMap<&str, ServerState> = up
-                    .servers
-                    .iter()
-                    .map(|s| (s.address.as_str(), s.state))
-                    .collect();
-                let servers: Vec<Server> = servers
-                    .into_iter()
-                    .map(|mut s| {
-                        s.state = overrides
-                            .get(s.address.as_str())
-                            .copied()
-                            .unwrap_or(ServerState::Up);
-                        s
-                    })
-                    .collect();
-                up.servers = servers;
-                validate_upstream(&up)?;
+                let up = next.registry_synced(&upstream, servers)?;
                 summary = format!(
                     "registry sync of {}: {} instance(s)",
                     upstream,
@@ -240,6 +218,28 @@ impl Config {
                 );
                 next.upstreams.insert(upstream.clone(), Arc::new(up));
                 touched_upstream = Some(upstream);
+            }
+            Command::SyncRegistryBatch { upstreams } => {
+                let mut names = Vec::with_capacity(upstreams.len());
+                for (upstream, servers) in upstreams {
+                    let up = next.registry_synced(&upstream, servers)?;
+                    next.upstreams.insert(upstream.clone(), Arc::new(up));
+                    names.push(upstream);
+                }
+                const LISTED: usize = 8;
+                let mut listed = names
+                    .iter()
+                    .take(LISTED)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                if names.len() > LISTED {
+                    listed.push_str(&format!(" and {} more", names.len() - LISTED));
+                }
+                summary = format!("registry sync of {} upstreams: {listed}", names.len());
+                names.sort();
+                names.dedup();
+                touched_upstreams = names;
             }
             Command::AddServer { upstream, server } => {
                 let old = self.existing_upstream(&upstream)?;
@@ -385,7 +385,7 @@ impl Config {
             diff(self, &next)
         } else {
             let mut changes = Vec::new();
-            if let Some(key) = touched_upstream {
+            for key in touched_upstream.into_iter().chain(touched_upstreams) {
                 let before = self.upstreams.get(&key).cloned();
                 let after = next.upstreams.get(&key).cloned();
                 if before != after {
@@ -406,6 +406,45 @@ impl Config {
             summary,
             changes,
         })
+    }
+
+    /// Upstream `upstream` with the registry's view of its members (creating it, registry
+    /// fed, if missing), keeping every operator `state` override of members that stay.
+    fn registry_synced(
+        &self,
+        upstream: &str,
+        servers: Vec<Server>,
+    ) -> Result<Upstream, ModelError> {
+        let mut up = match self.upstreams.get(upstream) {
+            Some(old) if !old.registry_fed => {
+                return Err(ModelError::Conflict(format!(
+                    "upstream {upstream:?} is managed through the admin API; the registry service of that name is not applied"
+                )));
+            }
+            Some(old) => (**old).clone(),
+            None => Upstream {
+                registry_fed: true,
+                ..Upstream::new(upstream.to_string(), Vec::new())
+            },
+        };
+        let overrides: std::collections::HashMap<&str, ServerState> = up
+            .servers
+            .iter()
+            .map(|s| (s.address.as_str(), s.state))
+            .collect();
+        let servers: Vec<Server> = servers
+            .into_iter()
+            .map(|mut s| {
+                s.state = overrides
+                    .get(s.address.as_str())
+                    .copied()
+                    .unwrap_or(ServerState::Up);
+                s
+            })
+            .collect();
+        up.servers = servers;
+        validate_upstream(&up)?;
+        Ok(up)
     }
 
     /// Refuses membership changes of registry-fed upstreams.

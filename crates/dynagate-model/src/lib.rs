@@ -245,4 +245,72 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.status(), 409);
     }
+
+    #[test]
+    fn registry_sync_batch_is_one_revision() {
+        let member = |addr: &str| Server {
+            registry: Some(RegistryStatus::Passing),
+            ..Server::new(addr)
+        };
+        let base = Config::default()
+            .apply(Command::SyncRegistry {
+                upstream: "a".into(),
+                servers: vec![member("127.0.0.1:1")],
+            })
+            .unwrap()
+            .config
+            .apply(Command::UpdateServer {
+                upstream: "a".into(),
+                address: "127.0.0.1:1".into(),
+                patch: ServerPatch {
+                    state: Some(ServerState::Drain),
+                    ..Default::default()
+                },
+            })
+            .unwrap()
+            .config;
+        let applied = base
+            .apply(Command::SyncRegistryBatch {
+                upstreams: vec![
+                    (
+                        "a".into(),
+                        vec![member("127.0.0.1:1"), member("127.0.0.1:2")],
+                    ),
+                    ("b".into(), vec![member("127.0.0.1:3")]),
+                    ("c".into(), vec![]),
+                ],
+            })
+            .unwrap();
+        assert_eq!(applied.summary, "registry sync of 3 upstreams: a, b, c");
+        let keys: Vec<&str> = applied
+            .changes
+            .iter()
+            .map(|c| match c {
+                Change::Upstream { key, .. } => key.as_str(),
+                Change::Route { key, .. } => key.as_str(),
+            })
+            .collect();
+        assert_eq!(keys, ["a", "b", "c"]);
+        let a = &applied.config.upstreams["a"];
+        assert_eq!(a.servers.len(), 2);
+        assert_eq!(a.servers[0].state, ServerState::Drain, "override kept");
+        assert!(applied.config.upstreams["c"].registry_fed);
+        // One refused upstream refuses the batch.
+        let admin = base
+            .apply(Command::PutUpstream {
+                upstream: Box::new(Upstream::new("api", vec![Server::new("127.0.0.1:5")])),
+                force: false,
+            })
+            .unwrap()
+            .config;
+        let err = admin
+            .apply(Command::SyncRegistryBatch {
+                upstreams: vec![
+                    ("b".into(), vec![member("127.0.0.1:3")]),
+                    ("api".into(), vec![member("127.0.0.1:4")]),
+                ],
+            })
+            .unwrap_err();
+        assert_eq!(err.status(), 409);
+    }
 }

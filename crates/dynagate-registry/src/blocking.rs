@@ -1,13 +1,31 @@
-//! Consul blocking queries: `?index=N&wait=D`.
+//! Consul blocking queries: `?index=N&wait=D`, and the answers of reads.
 //!
-//! A watcher costs one future: it sleeps on the global index's `watch` channel and, when
-//! the index moves, recomputes its resource's index (cheap) and goes back to sleep unless
-//! that index passed N. No thread, timer wheel entry per change, or poll loop.
+//! A read is a [`View`]: how to compute its resource's index and how to render it. Its
+//! answer is rendered once per registry index and read (path and shaping parameters:
+//! [`crate::api`]'s cache key) and kept as a [`Prepared`] answer, whose wire bytes (status
+//! line, headers, body) are built once per HTTP variant: every client of the same read
+//! gets the same bytes.
+//!
+//! A blocking query whose index has not passed parks its connection in the [`Fanout`]
+//! under its read's key: no task wakes and no timer fires per change. After a change one
+//! pass computes each parked read's resource index — one look per
+//! distinct read, not per watcher — and for each read that moved renders it once and
+//! writes the same bytes to every parked socket of it in one loop. Connection tasks are
+//! told only after the loop, so the clients' next requests are read once every answer is
+//! out, and the registry's own tasks (a write's acknowledgement, other requests) keep
+//! running meanwhile.
 
+use crate::api::http1::{Conn, Variant};
+use crate::api::Resp;
 use crate::state::State;
 use crate::{ApiError, Registry, RegistryOptions};
+use bytes::Bytes;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::time::Instant;
+use tokio::sync::oneshot;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct BlockingQuery {
@@ -50,7 +68,7 @@ impl BlockingQuery {
 }
 
 /// Random extra wait in `[0, wait/16]`, so that watchers do not all return together.
-fn jitter(wait: Duration) -> Duration {
+pub(crate) fn jitter(wait: Duration) -> Duration {
     let max = wait.as_nanos() / 16;
     if max == 0 {
         return Duration::ZERO;
@@ -59,91 +77,275 @@ fn jitter(wait: Duration) -> Duration {
     Duration::from_nanos((r % (max + 1)) as u64)
 }
 
-/// Counts a blocking query as a watcher while it waits (for metrics).
-struct WatcherGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+/// Counts a parked blocking query as a watcher (for metrics).
+pub(crate) struct WatcherGuard<'a>(&'a std::sync::atomic::AtomicUsize);
 
 impl<'a> WatcherGuard<'a> {
-    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
-        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    pub(crate) fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
         WatcherGuard(count)
     }
 }
 
 impl Drop for WatcherGuard<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-impl Registry {
-    /// Waits until `index_of(state) > q.index` (or the timeout, or shutdown), then returns
-    /// the resource's index (at least 1) and `render(state)` from one consistent view.
-    pub(crate) async fn blocking<T>(
-        &self,
-        q: BlockingQuery,
-        index_of: impl Fn(&State) -> u64,
-        render: impl FnOnce(&State) -> T,
-    ) -> (u64, T) {
-        self.wait_past(q, &index_of).await;
-        let st = self.state.read();
-        (index_of(&st).max(1), render(&st))
+pub(crate) type IndexFn = dyn Fn(&State) -> u64 + Send + Sync;
+pub(crate) type RenderFn = dyn Fn(&Registry, &State, u64) -> Resp + Send + Sync;
+
+/// A read: its resource's index, and its answer at a given (resource) index.
+pub(crate) struct View {
+    pub index_of: Box<IndexFn>,
+    pub render: Box<RenderFn>,
+}
+
+/// A blocking query that has to wait: answer when the read's resource index is above
+/// `index`, or after `wait` (jitter included) with the current answer.
+pub(crate) struct Watch {
+    pub key: String,
+    pub index: u64,
+    pub wait: Duration,
+    pub view: Arc<View>,
+}
+
+/// A read's answer at one registry index, with its wire bytes per HTTP variant.
+pub(crate) struct Prepared {
+    /// The global index it was rendered at.
+    pub global: u64,
+    pub resp: Resp,
+    /// (variant, second of its Date header, status line + headers + body).
+    wire: Mutex<Vec<(Variant, u64, Bytes)>>,
+}
+
+impl Prepared {
+    pub(crate) fn new(global: u64, resp: Resp) -> Prepared {
+        Prepared {
+            global,
+            resp,
+            wire: Mutex::new(Vec::new()),
+        }
     }
 
-    /// `blocking` for JSON answers, shared: the first watcher to wake renders and
-    /// serializes the answer, every other request with the same `key` (path and the
-    /// query parameters that shape the answer) at the same global index gets the same
-    /// bytes. Thousands of watchers of one service cost one rendering per change.
-    pub(crate) async fn blocking_json<T: serde::Serialize>(
-        &self,
-        key: String,
-        q: BlockingQuery,
-        index_of: impl Fn(&State) -> u64,
-        render: impl FnOnce(&State) -> T,
-    ) -> (u64, bytes::Bytes) {
-        self.wait_past(q, &index_of).await;
-        let st = self.state.read();
-        let global = st.index;
-        if let Some((at, idx, body)) = self.rendered.lock().get(&key) {
-            if *at == global {
-                return (*idx, body.clone());
-            }
+    /// The whole response for `variant`, built once per variant and second.
+    pub(crate) fn wire(&self, variant: Variant) -> Bytes {
+        let now = crate::api::http1::date_second();
+        let mut wire = self.wire.lock();
+        if let Some((_, _, b)) = wire.iter().find(|(v, s, _)| *v == variant && *s == now) {
+            return b.clone();
         }
-        let idx = index_of(&st).max(1);
-        // Serializing our own values cannot fail; an empty list is the safe answer if it did.
-        let body =
-            bytes::Bytes::from(serde_json::to_vec(&render(&st)).unwrap_or_else(|_| b"[]".to_vec()));
-        let mut cache = self.rendered.lock();
-        if cache.len() >= RENDER_CACHE_ENTRIES {
-            cache.clear();
-        }
-        cache.insert(key, (global, idx, body.clone()));
-        (idx, body)
-    }
-
-    async fn wait_past(&self, q: BlockingQuery, index_of: &impl Fn(&State) -> u64) {
-        if q.index == 0 {
-            return;
-        }
-        let _watching = WatcherGuard::new(&self.watchers);
-        let mut rx = self.subscribe();
-        let mut stop = self.shutdown_tx.subscribe();
-        let deadline = Instant::now() + q.wait + jitter(q.wait);
-        loop {
-            rx.borrow_and_update();
-            if *stop.borrow_and_update() || index_of(&self.state.read()) > q.index {
-                break;
-            }
-            tokio::select! {
-                r = rx.changed() => if r.is_err() { break },
-                _ = tokio::time::sleep_until(deadline) => break,
-                _ = stop.changed() => break,
-            }
-        }
+        let b = crate::api::http1::wire(&self.resp, variant);
+        wire.retain(|(v, _, _)| *v != variant);
+        wire.push((variant, now, b.clone()));
+        b
     }
 }
 
 /// Distinct answers kept for sharing; the cache starts over when full.
 const RENDER_CACHE_ENTRIES: usize = 4096;
+
+impl Registry {
+    /// The answer to `view` in state `st`, shared with every read of `key` at the same
+    /// global index.
+    pub(crate) fn prepared(&self, key: &str, view: &View, st: &State) -> Arc<Prepared> {
+        if let Some(p) = self.rendered.lock().get(key) {
+            if p.global == st.index {
+                return p.clone();
+            }
+        }
+        let idx = (view.index_of)(st).max(1);
+        let p = Arc::new(Prepared::new(st.index, (view.render)(self, st, idx)));
+        let mut cache = self.rendered.lock();
+        if cache.len() >= RENDER_CACHE_ENTRIES && !cache.contains_key(key) {
+            cache.clear();
+        }
+        cache.insert(key.to_string(), p.clone());
+        p
+    }
+
+    /// A read: its answer now, or a [`Watch`] when `q` asks to wait for a change that
+    /// has not come yet (not during shutdown: then every read answers at once).
+    pub(crate) fn read(&self, key: String, q: BlockingQuery, view: View) -> crate::api::Reply {
+        let st = self.state.read();
+        if q.index == 0 || (view.index_of)(&st) > q.index || *self.shutdown_tx.borrow() {
+            return crate::api::Reply::Shared(self.prepared(&key, &view, &st));
+        }
+        drop(st);
+        crate::api::Reply::Wait(Watch {
+            key,
+            index: q.index,
+            wait: q.wait + jitter(q.wait),
+            view: Arc::new(view),
+        })
+    }
+}
+
+/// What the fan-out did for a parked query.
+pub(crate) struct Delivered {
+    pub wire: Bytes,
+    /// Bytes already written; the connection writes the rest.
+    pub written: usize,
+    /// The write failed: the connection is gone.
+    pub failed: bool,
+}
+
+/// A parked blocking query.
+pub(crate) struct Waiter {
+    pub index: u64,
+    pub conn: Arc<Conn>,
+    pub variant: Variant,
+    pub done: oneshot::Sender<Delivered>,
+}
+
+struct Group {
+    view: Arc<View>,
+    waiters: HashMap<u64, Waiter>,
+}
+
+/// Parked blocking queries by read key.
+#[derive(Default)]
+pub(crate) struct Fanout {
+    groups: Mutex<HashMap<Arc<str>, Group>>,
+    next_id: AtomicU64,
+}
+
+impl Fanout {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.groups.lock().is_empty()
+    }
+
+    /// Parks `w` under `key`; returns its ticket for [`Fanout::unpark`].
+    pub(crate) fn park(&self, key: &Arc<str>, view: &Arc<View>, w: Waiter) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.groups
+            .lock()
+            .entry(key.clone())
+            .or_insert_with(|| Group {
+                view: view.clone(),
+                waiters: HashMap::new(),
+            })
+            .waiters
+            .insert(id, w);
+        id
+    }
+
+    /// Takes a parked query back (timeout, shutdown, client gone). False when a pass
+    /// took it first: its answer is on the way.
+    pub(crate) fn unpark(&self, key: &str, id: u64) -> bool {
+        let mut groups = self.groups.lock();
+        let Some(g) = groups.get_mut(key) else {
+            return false;
+        };
+        let removed = g.waiters.remove(&id).is_some();
+        if g.waiters.is_empty() {
+            groups.remove(key);
+        }
+        removed
+    }
+
+    /// Answers every parked query whose read moved past its index. Runs on the
+    /// registry's runtime and yields to its other tasks every [`FANOUT_CHUNK`] answers.
+    pub(crate) async fn pass(&self, reg: &Registry) {
+        let candidates: Vec<(Arc<str>, Arc<View>, u64)> = {
+            let groups = self.groups.lock();
+            groups
+                .iter()
+                .filter_map(|(k, g)| {
+                    let min = g.waiters.values().map(|w| w.index).min()?;
+                    Some((k.clone(), g.view.clone(), min))
+                })
+                .collect()
+        };
+        if candidates.is_empty() {
+            return;
+        }
+        let mut ready = Vec::new();
+        {
+            let st = reg.state.read();
+            for (key, view, min) in candidates {
+                let idx = (view.index_of)(&st);
+                if idx > min {
+                    let p = reg.prepared(&key, &view, &st);
+                    ready.push((key, idx, p));
+                }
+            }
+        }
+        let mut done = Vec::new();
+        let mut written_since_yield = 0;
+        for (key, idx, prepared) in ready {
+            let taken: Vec<Waiter> = {
+                let mut groups = self.groups.lock();
+                let Some(g) = groups.get_mut(&key) else {
+                    continue;
+                };
+                let all = std::mem::take(&mut g.waiters);
+                let mut taken = Vec::with_capacity(all.len());
+                for (id, w) in all {
+                    if w.index < idx {
+                        taken.push(w);
+                    } else {
+                        g.waiters.insert(id, w);
+                    }
+                }
+                if g.waiters.is_empty() {
+                    groups.remove(&key);
+                }
+                taken
+            };
+            for w in taken {
+                w.conn.taken.store(true, Ordering::Release);
+                let wire = prepared.wire(w.variant);
+                let (written, failed) = match w.conn.stream.try_write(&wire) {
+                    Ok(n) => (n, false),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => (0, false),
+                    Err(_) => (0, true),
+                };
+                done.push((
+                    w.done,
+                    Delivered {
+                        wire,
+                        written,
+                        failed,
+                    },
+                ));
+                written_since_yield += 1;
+                if written_since_yield == FANOUT_CHUNK {
+                    written_since_yield = 0;
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+        // Only now do the connections go on (and read their clients' next requests).
+        for (tx, d) in done {
+            let _ = tx.send(d);
+        }
+    }
+}
+
+/// Answers written between two yields of a fan-out pass: other requests (a write's
+/// acknowledgement, a health check) wait at most this many answers (~1 ms here), while
+/// the answered connections are told only at the end of the pass.
+const FANOUT_CHUNK: usize = 128;
+
+/// Runs a fan-out pass after every registry change while queries are parked. Inline on
+/// the registry's runtime: on its own thread (dynagate's registry runtime is a
+/// current-thread one) no other thread wakes for the clients' next requests while the
+/// answers go out — they are read, all at once, at the pass's yields.
+pub(crate) async fn run_fanout(reg: Arc<Registry>) {
+    let mut changes = reg.subscribe();
+    loop {
+        if changes.changed().await.is_err() {
+            return;
+        }
+        changes.borrow_and_update();
+        if reg.fanout.is_empty() {
+            continue;
+        }
+        reg.fanout.pass(&reg).await;
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -148,9 +148,23 @@ pub struct Registry {
     pub(crate) check_permits: Arc<Semaphore>,
     /// Blocking queries waiting now.
     pub(crate) watchers: std::sync::atomic::AtomicUsize,
-    /// Serialized answers by request key: (global index, resource index, body).
-    pub(crate) rendered: Mutex<HashMap<String, (u64, u64, bytes::Bytes)>>,
+    /// Read answers by request key, each valid at the global index it was rendered at.
+    pub(crate) rendered: Mutex<HashMap<String, Arc<blocking::Prepared>>>,
+    /// Blocking queries waiting for a change.
+    pub(crate) fanout: blocking::Fanout,
     weak_self: Weak<Registry>,
+}
+
+/// Registry-derived upstreams at one registry index: see [`Registry::upstream_update`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUpdate {
+    /// The registry index of this view: the `since` of the next update.
+    pub index: u64,
+    /// `None`: `upstreams` holds every derived upstream. `Some(names)`: only these names
+    /// may have changed; `upstreams` holds those of them that still derive to servers (a
+    /// name missing there has nothing left in the registry).
+    pub changed: Option<std::collections::BTreeSet<String>>,
+    pub upstreams: BTreeMap<String, Vec<UpstreamServer>>,
 }
 
 /// Sizes of the registry, for metrics.
@@ -214,6 +228,7 @@ impl Registry {
             check_permits: Arc::new(Semaphore::new(options.check_concurrency)),
             watchers: std::sync::atomic::AtomicUsize::new(0),
             rendered: Mutex::new(HashMap::new()),
+            fanout: blocking::Fanout::default(),
             opts: options,
             store,
             state: RwLock::new(state),
@@ -306,19 +321,58 @@ impl Registry {
     /// nginx-upsync KV layout `upstreams/<name>/<host>:<port>`. See [`derive`].
     pub fn upstreams(&self) -> BTreeMap<String, Vec<UpstreamServer>> {
         let st = self.state.read();
-        let instances: Vec<derive::Instance<'_>> = st
-            .services
-            .values()
-            .map(|s| derive::Instance {
-                id: &s.id,
-                name: &s.name,
-                address: &s.address,
-                port: s.port,
-                tags: &s.tags,
-                weights: s.weights,
-                health: st.service_health(&s.id),
-            })
-            .collect();
+        self.derive_all(&st)
+    }
+
+    /// The derived upstreams that may have changed after registry index `since` (all of
+    /// them when `since` is `None` or too old to tell), with the index of this view, all
+    /// from one consistent state. The gateway's bridge passes the returned `index` as the
+    /// next `since`, so each change is re-derived once and only for the names it touched.
+    pub fn upstream_update(&self, since: Option<u64>) -> UpstreamUpdate {
+        let st = self.state.read();
+        let changed = since.and_then(|i| st.upstreams_changed_since(i));
+        match changed {
+            None => UpstreamUpdate {
+                index: st.index,
+                changed: None,
+                upstreams: self.derive_all(&st),
+            },
+            Some(names) => {
+                let mut upstreams = BTreeMap::new();
+                for name in &names {
+                    let instances = st.instances(name).map(|s| self.instance(&st, s));
+                    let prefix = format!("{}{name}/", derive::KV_UPSTREAMS_PREFIX);
+                    let kv = state::prefix_range(&st.kv, &prefix)
+                        .map(|(k, e)| (k.as_str(), e.value.as_slice()));
+                    let mut derived =
+                        derive::derive_upstreams(instances, kv, &self.opts.node_address);
+                    if let Some(servers) = derived.remove(*name) {
+                        upstreams.insert(name.to_string(), servers);
+                    }
+                }
+                UpstreamUpdate {
+                    index: st.index,
+                    changed: Some(names.into_iter().map(str::to_string).collect()),
+                    upstreams,
+                }
+            }
+        }
+    }
+
+    fn instance<'a>(&self, st: &'a State, s: &'a model::ServiceDef) -> derive::Instance<'a> {
+        derive::Instance {
+            id: &s.id,
+            name: &s.name,
+            address: &s.address,
+            port: s.port,
+            tags: &s.tags,
+            weights: s.weights,
+            health: st.service_health(&s.id),
+        }
+    }
+
+    fn derive_all(&self, st: &State) -> BTreeMap<String, Vec<UpstreamServer>> {
+        let instances = st.services.values().map(|s| self.instance(st, s));
         let kv = state::prefix_range(&st.kv, derive::KV_UPSTREAMS_PREFIX)
             .map(|(k, e)| (k.as_str(), e.value.as_slice()));
         derive::derive_upstreams(instances, kv, &self.opts.node_address)

@@ -3,21 +3,21 @@
 
 use crate::model::{CheckDef, KvEntry, ServiceDef};
 use crate::store::{Batch, Op, RegistryStore, StoreError, Stored};
-use parking_lot::Mutex;
-use rusqlite::{params, Connection};
+use rusqlite::params;
 use std::path::Path;
 
 const SCHEMA_VERSION: i64 = 1;
 
 pub struct SqliteStore {
-    conn: Mutex<Connection>,
+    conn: dynagate_store::SharedConnection,
     _checkpointer: dynagate_store::Checkpointer,
 }
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let (conn, checkpointer) = dynagate_store::open_durable(path)?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let c = conn.lock();
+        let version: i64 = c.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::Corrupt {
                 what: path.display().to_string(),
@@ -26,7 +26,7 @@ impl SqliteStore {
                 ),
             });
         }
-        conn.execute_batch(
+        c.execute_batch(
             "BEGIN;
              CREATE TABLE IF NOT EXISTS services (id TEXT PRIMARY KEY, def TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS checks (id TEXT PRIMARY KEY, def TEXT NOT NULL);
@@ -42,8 +42,9 @@ impl SqliteStore {
              PRAGMA user_version = 1;
              COMMIT;",
         )?;
+        drop(c);
         Ok(SqliteStore {
-            conn: Mutex::new(conn),
+            conn,
             _checkpointer: checkpointer,
         })
     }
@@ -123,28 +124,24 @@ impl RegistryStore for SqliteStore {
         for op in &batch.ops {
             match op {
                 Op::PutService(s) => {
-                    tx.execute(
-                        "INSERT OR REPLACE INTO services (id, def) VALUES (?1, ?2)",
-                        params![s.id, json(s)?],
-                    )?;
+                    tx.prepare_cached("INSERT OR REPLACE INTO services (id, def) VALUES (?1, ?2)")?
+                        .execute(params![s.id, json(s)?])?;
                 }
                 Op::DeleteService(id) => {
-                    tx.execute("DELETE FROM services WHERE id = ?1", params![id])?;
+                    tx.prepare_cached("DELETE FROM services WHERE id = ?1")?
+                        .execute(params![id])?;
                 }
                 Op::PutCheck(c) => {
-                    tx.execute(
-                        "INSERT OR REPLACE INTO checks (id, def) VALUES (?1, ?2)",
-                        params![c.id, json(c)?],
-                    )?;
+                    tx.prepare_cached("INSERT OR REPLACE INTO checks (id, def) VALUES (?1, ?2)")?
+                        .execute(params![c.id, json(c)?])?;
                 }
                 Op::DeleteCheck(id) => {
-                    tx.execute("DELETE FROM checks WHERE id = ?1", params![id])?;
+                    tx.prepare_cached("DELETE FROM checks WHERE id = ?1")?
+                        .execute(params![id])?;
                 }
                 Op::PutKv(e) => {
-                    tx.execute(
-                        "INSERT OR REPLACE INTO kv (key, value, flags, create_index, modify_index, lock_index)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                        params![
+                    tx.prepare_cached("INSERT OR REPLACE INTO kv (key, value, flags, create_index, modify_index, lock_index)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?.execute(params![
                             e.key,
                             e.value,
                             to_i64(e.flags),
@@ -155,24 +152,23 @@ impl RegistryStore for SqliteStore {
                     )?;
                 }
                 Op::DeleteKv(key) => {
-                    tx.execute("DELETE FROM kv WHERE key = ?1", params![key])?;
+                    tx.prepare_cached("DELETE FROM kv WHERE key = ?1")?
+                        .execute(params![key])?;
                 }
                 Op::SetMeta(k, v) => {
-                    tx.execute(
-                        "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
-                        params![k, v],
-                    )?;
+                    tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
+                        .execute(params![k, v])?;
                 }
             }
         }
         // The high-water mark only ever grows.
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO meta (key, value) VALUES ('index', ?1)
              ON CONFLICT(key) DO UPDATE SET value = CASE
                  WHEN CAST(excluded.value AS INTEGER) > CAST(meta.value AS INTEGER)
                  THEN excluded.value ELSE meta.value END",
-            params![batch.index.to_string()],
-        )?;
+        )?
+        .execute(params![batch.index.to_string()])?;
         tx.commit()?;
         Ok(())
     }

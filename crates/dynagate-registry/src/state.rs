@@ -4,13 +4,17 @@
 
 use crate::model::{aggregate, CheckDef, CheckStatus, Health, KvEntry, ServiceDef};
 use crate::store::Op;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::Notify;
 
 /// Tombstones kept for deleted KV keys before the oldest are folded into a floor.
 const MAX_TOMBSTONES: usize = 65_536;
+
+/// Entries kept in the log of changed upstream names; a reader further behind gets
+/// "everything may have changed".
+const MAX_UPSTREAM_LOG: usize = 65_536;
 
 /// A check's live status. Not persisted: after a restart checks start at their initial
 /// status again.
@@ -77,6 +81,14 @@ pub struct State {
     health_name_index: HashMap<String, u64>,
     kv_tombstones: BTreeMap<String, u64>,
     kv_floor: u64,
+    /// (index, upstream name) of every change that may alter the upstream derived for
+    /// that name (its instances, their checks, its `upstreams/<name>/` KV keys), oldest
+    /// first: lets the gateway re-derive only what changed.
+    upstream_log: VecDeque<(u64, String)>,
+    /// Changes at or below this index may be missing from `upstream_log`.
+    upstream_log_floor: u64,
+    /// Index of the last change that may alter every upstream (a node-level check).
+    upstream_all_index: u64,
 }
 
 impl State {
@@ -93,6 +105,7 @@ impl State {
             index,
             base: index,
             kv_floor: index,
+            upstream_log_floor: index,
             ..State::default()
         };
         for s in services {
@@ -156,8 +169,11 @@ impl State {
         self.checks_index = idx;
         if service_id.is_empty() {
             self.node_checks_index = idx;
+            self.upstream_all_index = idx;
         } else if let Some(s) = self.services.get(service_id) {
-            self.health_name_index.insert(s.name.clone(), idx);
+            let name = s.name.clone();
+            self.log_upstream(&name, idx);
+            self.health_name_index.insert(name, idx);
         }
     }
 
@@ -165,6 +181,53 @@ impl State {
         self.services_index = idx;
         self.catalog_name_index.insert(name.to_string(), idx);
         self.health_name_index.insert(name.to_string(), idx);
+        self.log_upstream(name, idx);
+    }
+
+    /// A KV key under `upstreams/<name>/` changed: upstream `<name>` may have.
+    fn touch_kv_key(&mut self, key: &str, idx: u64) {
+        let name = key
+            .strip_prefix(crate::derive::KV_UPSTREAMS_PREFIX)
+            .and_then(|rest| rest.split_once('/'))
+            .map(|(name, _)| name)
+            .filter(|name| !name.is_empty());
+        if let Some(name) = name {
+            self.log_upstream(name, idx);
+        }
+    }
+
+    fn log_upstream(&mut self, name: &str, idx: u64) {
+        if self
+            .upstream_log
+            .back()
+            .is_some_and(|(i, n)| *i == idx && n == name)
+        {
+            return;
+        }
+        self.upstream_log.push_back((idx, name.to_string()));
+        while self.upstream_log.len() > MAX_UPSTREAM_LOG {
+            if let Some((i, _)) = self.upstream_log.pop_front() {
+                self.upstream_log_floor = self.upstream_log_floor.max(i);
+            }
+        }
+    }
+
+    /// Names of the upstreams whose derivation may have changed after index `since`, or
+    /// `None` when that cannot be told (a node check changed, which touches every
+    /// instance's health, or `since` is older than the log) and everything must be
+    /// looked at again.
+    pub fn upstreams_changed_since(&self, since: u64) -> Option<BTreeSet<&str>> {
+        if since < self.upstream_log_floor || since < self.upstream_all_index || since > self.index
+        {
+            return None;
+        }
+        let start = self.upstream_log.partition_point(|(i, _)| *i <= since);
+        Some(
+            self.upstream_log
+                .range(start..)
+                .map(|(_, n)| n.as_str())
+                .collect(),
+        )
     }
 
     /// Applies one committed op at index `idx`. Ops of a batch are applied in order; a
@@ -228,9 +291,11 @@ impl State {
             Op::PutKv(e) => {
                 self.kv_tombstones.remove(&e.key);
                 self.kv.insert(e.key.clone(), e.clone());
+                self.touch_kv_key(&e.key, idx);
             }
             Op::DeleteKv(key) => {
                 if self.kv.remove(key).is_some() {
+                    self.touch_kv_key(key, idx);
                     self.kv_tombstones.insert(key.clone(), idx);
                     if self.kv_tombstones.len() > MAX_TOMBSTONES {
                         self.fold_tombstones();
@@ -458,6 +523,86 @@ mod tests {
         assert_eq!(st.kv_key_index("a/1"), 2);
         assert_eq!(st.kv_prefix_index("b/"), 4);
         assert_eq!(prefix_range(&st.kv, "a/").count(), 1);
+    }
+
+    #[test]
+    fn changed_upstreams_are_logged_by_name() {
+        let now = Instant::now();
+        let mut st = State::new(5, vec![], vec![], vec![], now);
+        assert_eq!(
+            st.upstreams_changed_since(4),
+            None,
+            "before the start: unknown"
+        );
+        assert_eq!(st.upstreams_changed_since(5), Some(BTreeSet::new()));
+        st.apply(&Op::PutService(svc("web1", "web")), 6, now);
+        st.apply(&Op::PutCheck(ttl_check("c1", "web1")), 6, now);
+        st.index = 6;
+        st.apply(&Op::PutService(svc("db1", "db")), 7, now);
+        st.index = 7;
+        let since5: Vec<&str> = st.upstreams_changed_since(5).unwrap().into_iter().collect();
+        assert_eq!(since5, ["db", "web"]);
+        let since6: Vec<&str> = st.upstreams_changed_since(6).unwrap().into_iter().collect();
+        assert_eq!(since6, ["db"]);
+        assert_eq!(st.upstreams_changed_since(7), Some(BTreeSet::new()));
+        // A check status change touches its service's upstream.
+        st.set_check_status("c1", CheckStatus::Passing, "ok".into(), 8, now);
+        st.index = 8;
+        let since7: Vec<&str> = st.upstreams_changed_since(7).unwrap().into_iter().collect();
+        assert_eq!(since7, ["web"]);
+        // nginx-upsync KV keys touch upstream <name>; other keys nothing.
+        st.apply(&Op::PutKv(kv("upstreams/legacy/10.0.0.1:80", 9)), 9, now);
+        st.apply(&Op::PutKv(kv("config/x", 9)), 9, now);
+        st.apply(&Op::PutKv(kv("upstreams/nofolder", 9)), 9, now);
+        st.index = 9;
+        let since8: Vec<&str> = st.upstreams_changed_since(8).unwrap().into_iter().collect();
+        assert_eq!(since8, ["legacy"]);
+        st.apply(
+            &Op::DeleteKv("upstreams/legacy/10.0.0.1:80".into()),
+            10,
+            now,
+        );
+        st.index = 10;
+        let since9: Vec<&str> = st.upstreams_changed_since(9).unwrap().into_iter().collect();
+        assert_eq!(since9, ["legacy"]);
+        // Deregistration touches the name it had.
+        st.apply(&Op::DeleteCheck("c1".into()), 11, now);
+        st.apply(&Op::DeleteService("web1".into()), 11, now);
+        st.index = 11;
+        let since10: Vec<&str> = st
+            .upstreams_changed_since(10)
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert_eq!(since10, ["web"]);
+        // A node check changes every instance's health: everything must be re-derived.
+        st.apply(&Op::PutCheck(ttl_check("node", "")), 12, now);
+        st.index = 12;
+        assert_eq!(st.upstreams_changed_since(11), None);
+        assert_eq!(st.upstreams_changed_since(12), Some(BTreeSet::new()));
+        assert_eq!(
+            st.upstreams_changed_since(13),
+            None,
+            "from the future: unknown"
+        );
+    }
+
+    #[test]
+    fn upstream_log_is_bounded() {
+        let now = Instant::now();
+        let mut st = State::new(1, vec![], vec![], vec![], now);
+        let n = MAX_UPSTREAM_LOG as u64 + 10;
+        for i in 0..n {
+            st.apply(
+                &Op::PutService(svc(&format!("s{i}"), &format!("n{i}"))),
+                2 + i,
+                now,
+            );
+            st.index = 2 + i;
+        }
+        assert!(st.upstream_log.len() <= MAX_UPSTREAM_LOG);
+        assert_eq!(st.upstreams_changed_since(1), None);
+        assert_eq!(st.upstreams_changed_since(n).unwrap().len(), 1);
     }
 
     #[test]

@@ -983,3 +983,61 @@ async fn hostile_bodies_and_paths_never_panic() {
     assert_eq!(s.get("/v1/agent/services").await.json(), json!({}));
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_update_names_only_what_changed() {
+    let s = Server::start(opts()).await;
+    for (name, id, port) in [("a", "a1", 1), ("b", "b1", 2), ("b", "b2", 3)] {
+        let body = format!(
+            r#"{{"Name":"{name}","ID":"{id}","Port":{port},"Check":{{"TTL":"30s","Status":"passing"}}}}"#
+        );
+        assert_eq!(s.put("/v1/agent/service/register", &body).await.status, 200);
+    }
+    // The first view (no `since`) is everything.
+    let first = s.reg.upstream_update(None);
+    assert_eq!(first.changed, None);
+    assert_eq!(first.upstreams, s.reg.upstreams());
+    assert_eq!(first.upstreams.len(), 2);
+    // Nothing since: nothing to look at.
+    let same = s.reg.upstream_update(Some(first.index));
+    assert_eq!(same.changed, Some(Default::default()));
+    assert!(same.upstreams.is_empty());
+    // One service changes: only its name, derived exactly as the full view derives it.
+    assert_eq!(
+        s.put("/v1/agent/check/fail/service:b2", "").await.status,
+        200
+    );
+    let upd = s.reg.upstream_update(Some(first.index));
+    assert_eq!(upd.changed, Some(["b".to_string()].into()));
+    assert_eq!(upd.upstreams.len(), 1);
+    assert_eq!(upd.upstreams["b"], s.reg.upstreams()["b"]);
+    assert!(upd.upstreams["b"][1].down);
+    // KV upstreams (nginx-upsync layout) by their name; other keys name nothing.
+    assert_eq!(
+        s.put("/v1/kv/upstreams/legacy/10.0.0.1:80", "")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(s.put("/v1/kv/config/x", "1").await.status, 200);
+    let upd2 = s.reg.upstream_update(Some(upd.index));
+    assert_eq!(upd2.changed, Some(["legacy".to_string()].into()));
+    assert_eq!(upd2.upstreams["legacy"][0].address, "10.0.0.1:80");
+    // Deregistering the last instance names the service, with nothing left for it.
+    assert_eq!(
+        s.put("/v1/agent/service/deregister/a1", "").await.status,
+        200
+    );
+    let upd3 = s.reg.upstream_update(Some(upd2.index));
+    assert_eq!(upd3.changed, Some(["a".to_string()].into()));
+    assert!(upd3.upstreams.is_empty());
+    // Node maintenance touches every instance: a full view again.
+    assert_eq!(
+        s.put("/v1/agent/maintenance?enable=true", "").await.status,
+        200
+    );
+    let upd4 = s.reg.upstream_update(Some(upd3.index));
+    assert_eq!(upd4.changed, None);
+    assert_eq!(upd4.upstreams, s.reg.upstreams());
+    s.shutdown().await;
+}

@@ -232,3 +232,145 @@ async fn show_raw_http10_response() {
     println!("{}", String::from_utf8_lossy(&raw));
     s.shutdown().await;
 }
+
+/// Reads one response (head + Content-Length body) from a keep-alive connection.
+async fn read_one(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, head_only: bool) -> Resp {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .split("\r\n")
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            let total = end + 4 + if head_only { 0 } else { len };
+            if buf.len() >= total {
+                let r = parse_response(&buf[..total]);
+                buf.drain(..total);
+                return r;
+            }
+        }
+        let mut chunk = [0u8; 65536];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .expect("no answer in time")
+            .unwrap();
+        assert!(n > 0, "connection closed early");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_watchers_share_one_answer() {
+    use tokio::io::AsyncWriteExt;
+    let s = Server::start(RegistryOptions::default()).await;
+    s.put(
+        "/v1/agent/service/register",
+        r#"{"Name":"web","ID":"w1","Port":80}"#,
+    )
+    .await;
+    let idx = s.get("/v1/health/service/web").await.index();
+    let path = format!("/v1/health/service/web?index={idx}&wait=30s");
+    // Keep-alive HTTP/1.1 watchers, one of them with its next request already sent
+    // (pipelined behind the parked one).
+    let mut conns = Vec::new();
+    for i in 0..20 {
+        let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        if i == 0 {
+            req.push_str("GET /v1/status/leader HTTP/1.1\r\nHost: x\r\n\r\n");
+        }
+        c.write_all(req.as_bytes()).await.unwrap();
+        conns.push(c);
+    }
+    // An HTTP/1.0 watcher (nginx-upsync) and a HEAD watcher of the same read.
+    let addr = s.addr;
+    let p10 = path.clone();
+    let http10 = tokio::spawn(async move {
+        raw_bytes(
+            addr,
+            format!("GET {p10} HTTP/1.0\r\n\r\n").as_bytes(),
+            Duration::from_secs(10),
+        )
+        .await
+    });
+    let mut head_conn = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    head_conn
+        .write_all(format!("HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    // A watcher that goes away while parked is not counted any more.
+    let mut gone = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    gone.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.reg.stats().watchers < 23 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.reg.stats().watchers, 23);
+    drop(gone);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.reg.stats().watchers > 22 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.reg.stats().watchers, 22, "a closed watcher is dropped");
+
+    s.put(
+        "/v1/agent/check/register",
+        r#"{"Name":"c","ServiceID":"w1","TTL":"30s"}"#,
+    )
+    .await;
+    let mut bodies = Vec::new();
+    for (i, c) in conns.iter_mut().enumerate() {
+        let mut buf = Vec::new();
+        let r = read_one(c, &mut buf, false).await;
+        assert_eq!(r.status_line, "HTTP/1.1 200 OK");
+        assert!(r.index() > idx);
+        assert!(r.header("Connection").is_none(), "{}", r.head);
+        bodies.push(r.body.clone());
+        if i == 0 {
+            // The pipelined request is answered after the parked one.
+            let r2 = read_one(c, &mut buf, false).await;
+            assert_eq!(r2.text(), "\"127.0.0.1:8300\"");
+        }
+    }
+    assert!(
+        bodies.windows(2).all(|w| w[0] == w[1]),
+        "same bytes for all"
+    );
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&bodies[0]).unwrap()[0]["Checks"][1]["Name"],
+        "c"
+    );
+    let raw = http10.await.unwrap();
+    let r = parse_response(&raw);
+    assert_eq!(r.status_line, "HTTP/1.0 200 OK");
+    assert_eq!(
+        r.body, bodies[0],
+        "HTTP/1.0 framing, same body, then closed"
+    );
+    let mut buf = Vec::new();
+    let r = read_one(&mut head_conn, &mut buf, true).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty());
+    assert_eq!(
+        r.header("Content-Length").unwrap(),
+        bodies[0].len().to_string()
+    );
+    // Watchers re-arm on the same connection at the new index.
+    let idx2 = r.index();
+    let c = &mut conns[1];
+    c.write_all(
+        format!("GET /v1/health/service/web?index={idx2}&wait=30s HTTP/1.1\r\nHost: x\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.put("/v1/agent/check/pass/c", "").await;
+    let mut buf = Vec::new();
+    let r = read_one(c, &mut buf, false).await;
+    assert!(r.index() > idx2);
+    s.shutdown().await;
+}

@@ -6,7 +6,7 @@
 mod sqlite;
 
 use dynagate_model::{Config, Revision};
-pub use sqlite::{open_durable, Checkpointer, SqliteStore};
+pub use sqlite::{open_durable, Checkpointer, SharedConnection, SqliteStore};
 use thiserror::Error;
 
 #[derive(Debug, Error)]

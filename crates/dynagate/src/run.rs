@@ -69,8 +69,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
         "state loaded"
     );
 
-    // Two threads: thousands of registry watchers answered at once must not hold up the
-    // admin API or the registry's own writes.
+    // The admin API, the registry bridge and their SQLite commits.
     let control_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("dynagate-control")
@@ -91,17 +90,26 @@ pub fn run(settings: Settings) -> Result<(), String> {
             };
             let registry = dynagate_registry::Registry::open(data_dir, options)
                 .map_err(|e| format!("registry: {e}"))?;
-            let listener = control_rt
+            // The registry (its HTTP API, blocking queries, checks) has a thread of its
+            // own: answering thousands of watchers at once never holds up the admin API,
+            // and no other thread is woken by their next requests meanwhile (see
+            // dynagate_registry's blocking module). Its commits run on its blocking pool.
+            let registry_rt = tokio::runtime::Builder::new_current_thread()
+                .thread_name("dynagate-registry")
+                .enable_all()
+                .build()
+                .map_err(|e| format!("registry runtime: {e}"))?;
+            let listener = registry_rt
                 .block_on(tokio::net::TcpListener::bind(settings.registry_listen))
                 .map_err(|e| format!("registry listener {}: {e}", settings.registry_listen))?;
             let addr = listener.local_addr().map_err(|e| e.to_string())?;
             let stats = registry.clone();
             controller.add_metrics_source(Box::new(move |out| registry_metrics(&stats, out)));
-            Some((registry, listener, addr))
+            Some((registry, registry_rt, listener, addr))
         }
         false => None,
     };
-    let registry_addr = registry.as_ref().map(|(_, _, a)| a.to_string());
+    let registry_addr = registry.as_ref().map(|(_, _, _, a)| a.to_string());
 
     let access_log = match &settings.access_log {
         Some(a) => Some(Arc::new(
@@ -152,7 +160,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
     let admin_options = dynagate_admin::AdminOptions {
         token,
         metrics_open: settings.metrics_open,
-        registry: registry.as_ref().map(|(r, _, _)| {
+        registry: registry.as_ref().map(|(r, _, _, _)| {
             Arc::new(RegistryOverview(r.clone())) as Arc<dyn dynagate_admin::RegistryView>
         }),
     };
@@ -166,18 +174,25 @@ pub fn run(settings: Settings) -> Result<(), String> {
     ));
 
     let (stop_registry, registry_stopped) = tokio::sync::watch::channel(false);
-    if let Some((registry, listener, addr)) = registry {
+    let mut registry_thread = None;
+    if let Some((registry, registry_rt, listener, addr)) = registry {
         tracing::info!(registry = %addr, "service registry (Consul HTTP API) listening");
         let mut stopped = registry_stopped.clone();
         let serving = registry.clone();
-        control_rt.spawn(async move {
-            let shutdown = async move {
-                let _ = stopped.changed().await;
-            };
-            if let Err(e) = serving.serve(listener, shutdown).await {
-                tracing::error!(error = %e, "registry stopped");
-            }
-        });
+        let thread = std::thread::Builder::new()
+            .name("dynagate-registry".into())
+            .spawn(move || {
+                registry_rt.block_on(async move {
+                    let shutdown = async move {
+                        let _ = stopped.changed().await;
+                    };
+                    if let Err(e) = serving.serve(listener, shutdown).await {
+                        tracing::error!(error = %e, "registry stopped");
+                    }
+                });
+            })
+            .map_err(|e| format!("registry thread: {e}"))?;
+        registry_thread = Some(thread);
         control_rt.spawn(crate::bridge::run(
             registry,
             controller.clone(),
@@ -193,6 +208,14 @@ pub fn run(settings: Settings) -> Result<(), String> {
     let _ = stop_registry.send(true);
     let _ = control_rt
         .block_on(async { tokio::time::timeout(std::time::Duration::from_secs(5), admin).await });
+    if let Some(thread) = registry_thread {
+        // The registry answers its blocking queries and finishes in-flight requests (it
+        // gives up after 10 s).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(11);
+        while !thread.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
     let _ = std::fs::remove_file(&run_file);
     tracing::info!("stopped");
     Ok(())

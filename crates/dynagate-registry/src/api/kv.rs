@@ -3,13 +3,13 @@
 
 use super::render::render_kv;
 use super::util::{json, raw, read_body, with_meta};
-use super::{Ctx, Resp};
+use super::{Ctx, Reply};
 use crate::kv::{self, MAX_VALUE_SIZE};
 use crate::ApiError;
 use bytes::Bytes;
 use http::Method;
 
-type R = Result<Resp, ApiError>;
+type R = Result<Reply, ApiError>;
 
 pub(super) async fn endpoint<B>(ctx: Ctx<B>, key: String) -> R
 where
@@ -20,10 +20,7 @@ where
         Method::GET | Method::HEAD => get(ctx, key).await,
         Method::PUT => put(ctx, key).await,
         Method::DELETE => delete(ctx, key).await,
-        _ => Ok(super::util::method_not_allowed(
-            &ctx.method,
-            "GET, PUT, DELETE",
-        )),
+        _ => Ok(super::util::method_not_allowed(&ctx.method, "GET, PUT, DELETE").into()),
     }
 }
 
@@ -54,7 +51,7 @@ where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    let bq = ctx.blocking()?;
+    ctx.blocking()?;
     let q = &ctx.query;
     if q.has("keys") {
         let sep = q
@@ -62,58 +59,54 @@ where
             .or_else(|| q.get("seperator"))
             .unwrap_or("")
             .to_string();
-        let (idx, keys) = ctx
-            .reg
-            .blocking(
-                bq,
-                |st| kv::index(st, &key, true),
-                |st| kv::keys(st, &key, &sep),
-            )
-            .await;
-        if keys.is_empty() && !key.is_empty() {
-            return Ok(with_meta(raw(404, None, Bytes::new()), idx));
-        }
-        return Ok(with_meta(json(&keys), idx));
+        let of = key.clone();
+        return ctx.read(
+            move |st| kv::index(st, &of, true),
+            move |_, st, idx| {
+                let keys = kv::keys(st, &key, &sep);
+                if keys.is_empty() && !key.is_empty() {
+                    with_meta(raw(404, None, Bytes::new()), idx)
+                } else {
+                    with_meta(json(&keys), idx)
+                }
+            },
+        );
     }
     let recurse = q.has("recurse");
     if !recurse && key.is_empty() {
         return Err(ApiError::bad_request("Missing key name"));
     }
     let want_raw = q.has("raw") && !recurse;
-    let (idx, entries) = ctx
-        .reg
-        .blocking(
-            bq,
-            |st| kv::index(st, &key, recurse),
-            |st| {
-                let entries = kv::get(st, &key, recurse);
-                if want_raw {
-                    Err(entries.first().map(|e| Bytes::from(e.value.clone())))
-                } else {
-                    Ok(entries.into_iter().map(render_kv).collect::<Vec<_>>())
+    let of = key.clone();
+    ctx.read(
+        move |st| kv::index(st, &of, recurse),
+        move |_, st, idx| {
+            let entries = kv::get(st, &key, recurse);
+            let resp = if want_raw {
+                match entries.first() {
+                    None => raw(404, None, Bytes::new()),
+                    Some(e) => {
+                        let mut r = raw(200, Some("text/plain"), Bytes::from(e.value.clone()));
+                        let h = r.headers_mut();
+                        h.insert(
+                            "x-content-type-options",
+                            http::HeaderValue::from_static("nosniff"),
+                        );
+                        h.insert(
+                            "content-security-policy",
+                            http::HeaderValue::from_static("sandbox"),
+                        );
+                        r
+                    }
                 }
-            },
-        )
-        .await;
-    let resp = match entries {
-        Ok(list) if list.is_empty() => raw(404, None, Bytes::new()),
-        Ok(list) => json(&list),
-        Err(None) => raw(404, None, Bytes::new()),
-        Err(Some(bytes)) => {
-            let mut r = raw(200, Some("text/plain"), bytes);
-            let h = r.headers_mut();
-            h.insert(
-                "x-content-type-options",
-                http::HeaderValue::from_static("nosniff"),
-            );
-            h.insert(
-                "content-security-policy",
-                http::HeaderValue::from_static("sandbox"),
-            );
-            r
-        }
-    };
-    Ok(with_meta(resp, idx))
+            } else if entries.is_empty() {
+                raw(404, None, Bytes::new())
+            } else {
+                json(&entries.into_iter().map(render_kv).collect::<Vec<_>>())
+            };
+            with_meta(resp, idx)
+        },
+    )
 }
 
 async fn put<B>(ctx: Ctx<B>, key: String) -> R
@@ -154,7 +147,7 @@ where
     )
     .await?;
     let ok = ctx.reg.kv_put(key, value.to_vec(), flags, cas).await?;
-    Ok(json(&ok))
+    Ok(json(&ok).into())
 }
 
 async fn delete<B>(ctx: Ctx<B>, key: String) -> R {
@@ -166,5 +159,5 @@ async fn delete<B>(ctx: Ctx<B>, key: String) -> R {
     }
     let cas = parse_u64(q, "cas")?;
     let ok = ctx.reg.kv_delete(key, recurse, cas).await?;
-    Ok(json(&ok))
+    Ok(json(&ok).into())
 }

@@ -1,101 +1,42 @@
-//! The Consul HTTP API: server, routing, token check.
+//! The Consul HTTP API: routing, token check, and the answers — served by [`http1`], the
+//! registry's own HTTP/1.x server (see there why it is not hyper).
 //!
-//! HTTP/1.1 and HTTP/1.0 via hyper, with response header names written in Title-Case so
-//! that `X-Consul-Index` goes out exactly so (nginx-upsync compares it byte for byte).
-//! Every body has a known length: HTTP/1.0 clients get `Content-Length` and a closed
-//! connection, never chunked encoding.
+//! Header names go out in Title-Case so that `X-Consul-Index` is written exactly so
+//! (nginx-upsync compares it byte for byte). Every body has a known length: HTTP/1.0
+//! clients get `Content-Length` and a closed connection, never chunked encoding.
 
 mod agent;
 mod catalog;
 mod decode;
+pub(crate) mod http1;
 mod kv;
 mod render;
 mod util;
 
-use crate::blocking::BlockingQuery;
+use crate::blocking::{BlockingQuery, Prepared, View, Watch};
+use crate::state::State;
 use crate::{ApiError, Registry};
 use bytes::Bytes;
 use http::{Method, Request};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 pub(crate) use util::Resp;
-use util::{error, method_not_allowed, percent_decode, request_token, Query};
+use util::{method_not_allowed, percent_decode, request_token, Query};
 
-/// How long shutdown waits for in-flight requests.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) use http1::serve;
 
-pub(crate) async fn serve(
-    reg: Arc<Registry>,
-    listener: TcpListener,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    reg.shutdown_tx.send_replace(false);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let conns = Arc::new(Semaphore::new(reg.opts.max_connections));
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .title_case_headers(true)
-        .keep_alive(true)
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        .max_buf_size(64 * 1024);
-    tokio::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            p = conns.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = &mut shutdown => break,
-        };
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "registry accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let reg2 = reg.clone();
-        let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-            let reg = reg2.clone();
-            async move { Ok::<_, Infallible>(handle(reg, req).await) }
-        });
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
-        tokio::spawn(async move {
-            let _ = conn.await;
-            drop(permit);
-        });
-    }
-    drop(listener);
-    // Blocking queries answer now, so connections can finish.
-    reg.shutdown_tx.send_replace(true);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(DRAIN_TIMEOUT) => {}
-    }
-    Ok(())
+/// What a request gets.
+pub(crate) enum Reply {
+    /// An answer made for this request.
+    Now(Resp),
+    /// A read's answer, shared with every request for the same read at the same index.
+    Shared(Arc<Prepared>),
+    /// A blocking query whose index has not passed yet: wait for a change.
+    Wait(Watch),
 }
 
-/// Answers one request (never fails: errors become Consul's status and sentence).
-pub(crate) async fn handle<B>(reg: Arc<Registry>, req: Request<B>) -> Resp
-where
-    B: hyper::body::Body<Data = Bytes> + Send,
-    B::Error: std::error::Error + Send + Sync + 'static,
-{
-    match route(reg, req).await {
-        Ok(r) => r,
-        Err(e) => error(&e),
+impl From<Resp> for Reply {
+    fn from(r: Resp) -> Reply {
+        Reply::Now(r)
     }
 }
 
@@ -148,6 +89,40 @@ where
         )
     }
 
+    /// A read (every read is a blocking query): `index_of` gives its resource's index,
+    /// `render` its answer (with the blocking-query headers for that index). Answered now
+    /// unless `?index=` asks to wait for a change; either way rendered once per registry
+    /// index for all requests of the same read.
+    pub fn read(
+        &self,
+        index_of: impl Fn(&State) -> u64 + Send + Sync + 'static,
+        render: impl Fn(&Registry, &State, u64) -> Resp + Send + Sync + 'static,
+    ) -> Result<Reply, ApiError> {
+        let q = self.blocking()?;
+        let view = View {
+            index_of: Box::new(index_of),
+            render: Box::new(render),
+        };
+        Ok(self.reg.read(self.cache_key(), q, view))
+    }
+
+    /// [`Ctx::read`] of a JSON value: 200, `application/json`, the blocking-query headers.
+    pub fn read_json<T: serde::Serialize>(
+        &self,
+        index_of: impl Fn(&State) -> u64 + Send + Sync + 'static,
+        render: impl Fn(&Registry, &State) -> T + Send + Sync + 'static,
+    ) -> Result<Reply, ApiError> {
+        self.read(index_of, move |reg, st, idx| {
+            // Serializing our own values cannot fail; an empty list is the safe answer if
+            // it did.
+            let body = serde_json::to_vec(&render(reg, st)).unwrap_or_else(|_| b"[]".to_vec());
+            util::with_meta(
+                util::raw(200, Some("application/json"), Bytes::from(body)),
+                idx,
+            )
+        })
+    }
+
     fn declared_len(&self) -> Option<u64> {
         self.headers
             .get(http::header::CONTENT_LENGTH)
@@ -190,7 +165,19 @@ fn check_token(
     }
 }
 
-async fn route<B>(reg: Arc<Registry>, req: Request<B>) -> Result<Resp, ApiError>
+/// Answers one request (errors become Consul's status and sentence).
+pub(crate) async fn handle<B>(reg: Arc<Registry>, req: Request<B>) -> Reply
+where
+    B: hyper::body::Body<Data = Bytes> + Send,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    match route(reg, req).await {
+        Ok(r) => r,
+        Err(e) => Reply::Now(util::error(&e)),
+    }
+}
+
+async fn route<B>(reg: Arc<Registry>, req: Request<B>) -> Result<Reply, ApiError>
 where
     B: hyper::body::Body<Data = Bytes> + Send,
     B::Error: std::error::Error + Send + Sync + 'static,
@@ -231,7 +218,7 @@ where
     macro_rules! only {
         ($ok:expr, $allow:literal) => {
             if !$ok(&ctx) {
-                return Ok(method_not_allowed(&ctx.method, $allow));
+                return Ok(method_not_allowed(&ctx.method, $allow).into());
             }
         };
     }
@@ -315,7 +302,7 @@ where
             return catalog::nodes(ctx).await;
         }
         if c == "datacenters" {
-            return Ok(util::json(&[&ctx.reg.opts.datacenter]));
+            return Ok(util::json(&[&ctx.reg.opts.datacenter]).into());
         }
     }
     if let Some(h) = rest.strip_prefix("health/") {
@@ -334,10 +321,10 @@ where
         only!(get, "GET");
         let leader = format!("{}:8300", ctx.reg.opts.node_address);
         if s == "leader" {
-            return Ok(util::json(&leader));
+            return Ok(util::json(&leader).into());
         }
         if s == "peers" {
-            return Ok(util::json(&[leader]));
+            return Ok(util::json(&[leader]).into());
         }
     }
     Err(ApiError::not_found("404 page not found"))

@@ -4,10 +4,11 @@
 use crate::ApiError;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use serde::Serialize;
 
-pub(crate) type Resp = Response<Full<Bytes>>;
+/// A response with its whole body: every registry answer has a known length.
+pub(crate) type Resp = Response<Bytes>;
 
 /// Decodes `%XX` escapes (and `+` as a space when `plus` is set). Fails on a bad escape
 /// or a result that is not UTF-8.
@@ -104,7 +105,7 @@ pub(crate) fn parse_bool(v: &str) -> Option<bool> {
 }
 
 fn build(status: u16, content_type: Option<&'static str>, body: Bytes) -> Resp {
-    let mut resp = Response::new(Full::new(body));
+    let mut resp = Response::new(body);
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if let Some(ct) = content_type {
         resp.headers_mut()
