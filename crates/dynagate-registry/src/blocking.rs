@@ -145,12 +145,25 @@ impl Prepared {
 
 /// Distinct answers kept for sharing; the cache starts over when full.
 const RENDER_CACHE_ENTRIES: usize = 4096;
+/// ... or when their bodies (counted twice: a body and its wire copy) pass this.
+const RENDER_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Read answers by key, each valid at the global index it was rendered at.
+#[derive(Default)]
+pub(crate) struct RenderCache {
+    answers: HashMap<String, Arc<Prepared>>,
+    bytes: usize,
+}
+
+fn cost(p: &Prepared) -> usize {
+    2 * p.resp.body().len() + 512
+}
 
 impl Registry {
     /// The answer to `view` in state `st`, shared with every read of `key` at the same
     /// global index.
     pub(crate) fn prepared(&self, key: &str, view: &View, st: &State) -> Arc<Prepared> {
-        if let Some(p) = self.rendered.lock().get(key) {
+        if let Some(p) = self.rendered.lock().answers.get(key) {
             if p.global == st.index {
                 return p.clone();
             }
@@ -158,10 +171,16 @@ impl Registry {
         let idx = (view.index_of)(st).max(1);
         let p = Arc::new(Prepared::new(st.index, (view.render)(self, st, idx)));
         let mut cache = self.rendered.lock();
-        if cache.len() >= RENDER_CACHE_ENTRIES && !cache.contains_key(key) {
-            cache.clear();
+        let added = cost(&p);
+        if let Some(old) = cache.answers.remove(key) {
+            cache.bytes -= cost(&old);
         }
-        cache.insert(key.to_string(), p.clone());
+        if cache.answers.len() >= RENDER_CACHE_ENTRIES || cache.bytes + added > RENDER_CACHE_BYTES {
+            cache.answers.clear();
+            cache.bytes = 0;
+        }
+        cache.bytes += added;
+        cache.answers.insert(key.to_string(), p.clone());
         p
     }
 

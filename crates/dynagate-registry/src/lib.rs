@@ -149,7 +149,7 @@ pub struct Registry {
     /// Blocking queries waiting now.
     pub(crate) watchers: std::sync::atomic::AtomicUsize,
     /// Read answers by request key, each valid at the global index it was rendered at.
-    pub(crate) rendered: Mutex<HashMap<String, Arc<blocking::Prepared>>>,
+    pub(crate) rendered: Mutex<blocking::RenderCache>,
     /// Blocking queries waiting for a change.
     pub(crate) fanout: blocking::Fanout,
     weak_self: Weak<Registry>,
@@ -227,7 +227,7 @@ impl Registry {
             weak_self: weak_self.clone(),
             check_permits: Arc::new(Semaphore::new(options.check_concurrency)),
             watchers: std::sync::atomic::AtomicUsize::new(0),
-            rendered: Mutex::new(HashMap::new()),
+            rendered: Mutex::new(blocking::RenderCache::default()),
             fanout: blocking::Fanout::default(),
             opts: options,
             store,
