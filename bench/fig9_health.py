@@ -21,6 +21,9 @@
    local_first: both origin servers are on 127.0.0.1, i.e. local, so it balances among them
    with round robin after its local check.
 nginx column: nginx OSS has no active health checks; its balancers are not compared here.
+
+Environment: BENCH_FIG9_PARTS=checks|balancing|checks,balancing (default both) runs only
+those parts; BENCH_FIG9_KINDS=http|tcp|http,tcp (default both) the check kinds of part 1.
 """
 import os
 import random
@@ -38,6 +41,8 @@ BAL_SECS = 1 if QUICK else 4
 BAL_ROUNDS = ROUNDS if QUICK else max(ROUNDS, 5)   # short runs, more rounds: drift averages out
 ALGOS = ["round_robin", "least_conn", "consistent_hash", "p2c_ewma", "random", "local_first"]
 USERS = 1000
+PARTS = os.environ.get("BENCH_FIG9_PARTS", "checks,balancing").split(",")
+KINDS = os.environ.get("BENCH_FIG9_KINDS", "http,tcp").split(",")
 
 
 def check_origin():
@@ -181,6 +186,8 @@ def health_checks(dg):
     log(f"  {SERVERS} upstreams loaded in {res['load_s']:.1f}s; idle (no checks) "
         f"{res['idle_before']['cpu_pct']:.2f}% of a core, RSS {res['idle_before']['rss_mib']:.1f} MiB")
     for kind, counter in (("http", "requests"), ("tcp", "accepts")):
+        if kind not in KINDS:
+            continue
         put_s = put_all(dg, kind)
         warm_rate = warm(counter, 0.95 * SERVERS)
         w = window(dg, counter)
@@ -287,16 +294,21 @@ def balancing():
 def main():
     ensure_tools()
     raise_nofile()
-    origin = check_origin()
-    dg = Dynagate(1, PROXY_CPU)
-    hc = health_checks(dg)
-    dg.stop()
-    origin.stop()
-    bal, bal_raw = balancing()
+    hc, bal, bal_raw = {}, {a: [] for a in ALGOS}, []
+    if "checks" in PARTS:
+        origin = check_origin()
+        dg = Dynagate(1, PROXY_CPU)
+        hc = health_checks(dg)
+        dg.stop()
+        origin.stop()
+    if "balancing" in PARTS:
+        bal, bal_raw = balancing()
 
     na = "n/a (no active checks in nginx OSS)"
     rows = []
     for kind in ("http", "tcp"):
+        if kind not in hc:
+            continue
         r = hc[kind]
         net = r["cpu_pct"] - hc["baseline"]
         h = r["health"]
@@ -315,6 +327,8 @@ def main():
                              f"{hc['idle_before']['rss_mib']:.0f} MiB)"))
     for algo in ALGOS:
         runs = bal[algo]
+        if not runs:
+            continue
         us = median([x["cpu_us_per_req"] for x in runs])
         ratios = [x["ratio"] for x in runs if "ratio" in x]
         split = [sum(x["split"][i] for x in runs) for i in range(len(runs[0]["split"]))]

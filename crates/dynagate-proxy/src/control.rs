@@ -358,7 +358,7 @@ pub fn server_statuses(up: &UpstreamRuntime) -> Vec<ServerStatus> {
                 failures: st.failures.load(Ordering::Relaxed),
                 passive_unhealthy: st.passive_skipped(now),
                 health: st.health().as_str(),
-                last_check: st.last_check.lock().clone(),
+                last_check: st.last_check(),
                 ejected: st.ejected(now),
                 ejections: st.ejections.load(Ordering::Relaxed),
                 effective_weight: up.current_weight(i),

@@ -184,7 +184,10 @@ pub struct ServerStats {
 
     // Active health.
     health: AtomicU8,
-    pub last_check: Mutex<Option<CheckResult>>,
+    /// The outcome of the last active check, rewritten only when it changes ...
+    last_check: Mutex<Option<CheckResult>>,
+    /// ... and the time of the last check, written by every check.
+    last_check_ms: AtomicU64,
 
     /// Monotonic time since which the server is available (slow start ramps from it).
     pub available_since_ms: AtomicU64,
@@ -209,6 +212,7 @@ impl Default for ServerStats {
             last_ejection_ms: AtomicU64::new(0),
             health: AtomicU8::new(Health::Unchecked as u8),
             last_check: Mutex::new(None),
+            last_check_ms: AtomicU64::new(0),
             available_since_ms: AtomicU64::new(mono_ms()),
             ewma_us: AtomicU64::new(DEFAULT_EWMA_US.to_bits()),
             ewma_at_ms: AtomicU64::new(0),
@@ -306,6 +310,26 @@ impl ServerStats {
             }
             self.mark_changed();
         }
+    }
+
+    /// The last active check: its outcome and when it was made.
+    pub fn last_check(&self) -> Option<CheckResult> {
+        let mut last = self.last_check.lock().clone()?;
+        last.time_ms = last.time_ms.max(self.last_check_ms.load(Ordering::Relaxed));
+        Some(last)
+    }
+
+    /// Records an active check made at `time_ms`. `changed` is its outcome (passed, message)
+    /// when that differs from the previous check's; an unchanged outcome costs one store.
+    pub fn record_check(&self, time_ms: u64, changed: Option<(bool, String)>) {
+        if let Some((ok, message)) = changed {
+            *self.last_check.lock() = Some(CheckResult {
+                time_ms,
+                ok,
+                message,
+            });
+        }
+        self.last_check_ms.store(time_ms, Ordering::Relaxed);
     }
 
     pub fn passive_skipped(&self, now_ms: u64) -> bool {
