@@ -23,11 +23,14 @@
 nginx column: nginx OSS has no active health checks; its balancers are not compared here.
 
 Environment: BENCH_FIG9_PARTS=checks|balancing|checks,balancing (default both) runs only
-those parts; BENCH_FIG9_KINDS=http|tcp|http,tcp (default both) the check kinds of part 1.
+those parts; BENCH_FIG9_KINDS=http|tcp|http,tcp (default both) the check kinds of part 1;
+BENCH_FIG9_PERF=<dir> records `perf record -g` of dynagate during each check window into
+<dir>/<kind>.data (the profiler's own cost then inflates that run's CPU figure).
 """
 import os
 import random
 import re
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
@@ -43,6 +46,7 @@ ALGOS = ["round_robin", "least_conn", "consistent_hash", "p2c_ewma", "random", "
 USERS = 1000
 PARTS = os.environ.get("BENCH_FIG9_PARTS", "checks,balancing").split(",")
 KINDS = os.environ.get("BENCH_FIG9_KINDS", "http,tcp").split(",")
+PERF_DIR = os.environ.get("BENCH_FIG9_PERF")
 
 
 def check_origin():
@@ -145,8 +149,14 @@ def thread_delta(t0, t1, secs):
     return {k: round(v, 2) for k, v in by_name.items() if v > 0}, user, system
 
 
-def window(dg, counter):
+def window(dg, counter, perf_name=None):
     """CPU of dynagate over WINDOW seconds, and the origin's counter rate meanwhile."""
+    perf = None
+    if PERF_DIR and perf_name:
+        os.makedirs(PERF_DIR, exist_ok=True)
+        perf = subprocess.Popen(["perf", "record", "-g", "-q", "-p", str(dg.proc.pid), "-o",
+                                 os.path.join(PERF_DIR, perf_name + ".data"), "--",
+                                 "sleep", str(WINDOW)], stdout=subprocess.DEVNULL)
     s0 = stub_status()
     th0 = thread_cpu(dg.proc.pid)
     c0 = cpu_seconds(dg.pids())
@@ -156,6 +166,8 @@ def window(dg, counter):
     t1 = time.perf_counter()
     th1 = thread_cpu(dg.proc.pid)
     s1 = stub_status()
+    if perf:
+        perf.wait()
     secs = t1 - t0
     threads, user, system = thread_delta(th0, th1, secs)
     return {"cpu_pct": (c1 - c0) / secs * 100, "secs": secs, "threads_pct": threads,
@@ -190,7 +202,7 @@ def health_checks(dg):
             continue
         put_s = put_all(dg, kind)
         warm_rate = warm(counter, 0.95 * SERVERS)
-        w = window(dg, counter)
+        w = window(dg, counter, kind)
         h = sample_health(dg)
         res[kind] = dict(w, put_s=put_s, warm_rate=warm_rate, health=h)
         log(f"  {kind.upper()} checks: enabled on {SERVERS} upstreams in {put_s:.1f}s; "
