@@ -23,7 +23,8 @@
 nginx column: nginx OSS has no active health checks; its balancers are not compared here.
 
 Environment: BENCH_FIG9_PARTS=checks|balancing|checks,balancing (default both) runs only
-those parts; BENCH_FIG9_KINDS=http|tcp|http,tcp (default both) the check kinds of part 1;
+those parts; BENCH_FIG9_KINDS=http,tcp,tcp_full (default all three) the check kinds of part 1
+(tcp: the default half-open TCP check; tcp_full: "tcp_handshake":"full");
 BENCH_FIG9_PERF=<dir> records `perf record -g` of dynagate during each check window into
 <dir>/<kind>.data (the profiler's own cost then inflates that run's CPU figure).
 """
@@ -45,8 +46,9 @@ BAL_ROUNDS = ROUNDS if QUICK else max(ROUNDS, 5)   # short runs, more rounds: dr
 ALGOS = ["round_robin", "least_conn", "consistent_hash", "p2c_ewma", "random", "local_first"]
 USERS = 1000
 PARTS = os.environ.get("BENCH_FIG9_PARTS", "checks,balancing").split(",")
-KINDS = os.environ.get("BENCH_FIG9_KINDS", "http,tcp").split(",")
+KINDS = os.environ.get("BENCH_FIG9_KINDS", "http,tcp,tcp_full").split(",")
 PERF_DIR = os.environ.get("BENCH_FIG9_PERF")
+LABEL = {"http": "HTTP", "tcp": "TCP (half-open, default)", "tcp_full": "TCP (full handshake)"}
 
 
 def check_origin():
@@ -82,13 +84,25 @@ def stub_status():
     c.close()
     active = int(re.search(r"Active connections:\s*(\d+)", text).group(1))
     accepts, handled, requests = map(int, re.search(r"\n\s*(\d+)\s+(\d+)\s+(\d+)", text).groups())
-    return {"active": active, "accepts": accepts, "requests": requests, "t": time.perf_counter()}
+    return {"active": active, "accepts": accepts, "requests": requests,
+            "half_open": embryonic_resets(), "t": time.perf_counter()}
+
+
+def embryonic_resets():
+    """The kernel's count of resets that ended a handshake in SYN_RECV (TcpExt EmbryonicRsts),
+    machine-wide: a half-open TCP check never reaches nginx's accept(), so it is counted here."""
+    with open("/proc/net/netstat") as f:
+        rows = [line.split() for line in f if line.startswith("TcpExt:")]
+    return int(rows[1][rows[0].index("EmbryonicRsts")])
 
 
 def check_spec(kind):
     if kind is None:
         return None
-    return {"type": kind, "path": "/", "interval": "1s", "timeout": "500ms", "rise": 2, "fall": 2}
+    spec = {"type": "http", "path": "/"} if kind == "http" else {"type": "tcp"}
+    if kind == "tcp_full":
+        spec["tcp_handshake"] = "full"
+    return dict(spec, interval="1s", timeout="500ms", rise=2, fall=2)
 
 
 def put_all(dg, kind):
@@ -197,7 +211,7 @@ def health_checks(dg):
     res["idle_before"] = window(dg, "requests")
     log(f"  {SERVERS} upstreams loaded in {res['load_s']:.1f}s; idle (no checks) "
         f"{res['idle_before']['cpu_pct']:.2f}% of a core, RSS {res['idle_before']['rss_mib']:.1f} MiB")
-    for kind, counter in (("http", "requests"), ("tcp", "accepts")):
+    for kind, counter in (("http", "requests"), ("tcp", "half_open"), ("tcp_full", "accepts")):
         if kind not in KINDS:
             continue
         put_s = put_all(dg, kind)
@@ -318,15 +332,19 @@ def main():
 
     na = "n/a (no active checks in nginx OSS)"
     rows = []
-    for kind in ("http", "tcp"):
+    for kind in ("http", "tcp", "tcp_full"):
         if kind not in hc:
             continue
         r = hc[kind]
         net = r["cpu_pct"] - hc["baseline"]
         h = r["health"]
-        what = ("HTTP GET / (keep-alive)" if kind == "http" else "TCP connect")
+        what = {"http": "HTTP GET / (keep-alive)",
+                "tcp": "TCP, half-open (the default: reset after the SYN-ACK; counted by the "
+                       "kernel's EmbryonicRsts, nginx never accepts)",
+                "tcp_full": "TCP, \"tcp_handshake\":\"full\" (connect, then reset; counted "
+                            "by nginx's accepts)"}[kind]
         by_thread = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["threads_pct"].items()))
-        rows.append(row(f"active {kind.upper()} checks, {SERVERS:,} servers at 1 s: dynagate CPU, "
+        rows.append(row(f"active {LABEL[kind]} checks, {SERVERS:,} servers at 1 s: dynagate CPU, "
                         f"% of one core above idle", na, net, "%", "≤ 15%", ratio=None, ok=net <= 15,
                         note=f"{what}, timeout 500ms; raw {r['cpu_pct']:.2f}% minus idle "
                              f"{hc['baseline']:.2f}% (same {SERVERS:,} upstreams, no checks: "

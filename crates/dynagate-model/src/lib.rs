@@ -12,7 +12,7 @@ pub use config::{Applied, Change, Command, Config, Revision};
 pub use error::ModelError;
 pub use types::{
     Balance, CheckKind, HashMethod, HealthCheck, Outlier, RegistryStatus, Route, Server,
-    ServerPatch, ServerState, Upstream,
+    ServerPatch, ServerState, TcpHandshake, Upstream,
 };
 
 #[cfg(test)]
@@ -140,6 +140,31 @@ mod tests {
         let text = serde_json::to_string(&u).unwrap();
         let back: Upstream = serde_json::from_str(&text).unwrap();
         assert_eq!(back, u);
+    }
+
+    #[test]
+    fn tcp_handshake_defaults_to_half_open_and_only_fits_tcp_checks() {
+        let up = |check: &str| -> Upstream {
+            serde_json::from_str(&format!(
+                r#"{{"name":"u","servers":[{{"address":"127.0.0.1:9001"}}],"health_check":{check}}}"#
+            ))
+            .unwrap()
+        };
+        let tcp = up(r#"{"type":"tcp"}"#);
+        validate::validate_upstream(&tcp).unwrap();
+        let hc = tcp.health_check.unwrap();
+        assert_eq!(hc.tcp_handshake.unwrap_or_default(), TcpHandshake::HalfOpen);
+        assert!(!serde_json::to_string(&hc)
+            .unwrap()
+            .contains("tcp_handshake"));
+        let full = up(r#"{"type":"tcp","tcp_handshake":"full"}"#);
+        validate::validate_upstream(&full).unwrap();
+        let err = validate::validate_upstream(&up(r#"{"type":"http","tcp_handshake":"full"}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("health_check.tcp_handshake"), "{err}");
+        let bad = r#"{"servers":[],"health_check":{"type":"tcp","tcp_handshake":"syn"}}"#;
+        assert!(serde_json::from_str::<Upstream>(bad).is_err());
     }
 
     #[test]

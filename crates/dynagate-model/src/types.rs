@@ -106,6 +106,20 @@ pub enum CheckKind {
     Tcp,
 }
 
+/// How a TCP check ends the handshake it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TcpHandshake {
+    /// The server's SYN-ACK passes the check and is answered with a reset instead of the
+    /// last ACK (a "half-open" check): the server's listener has answered, and neither its
+    /// application nor its accept queue ever sees the connection.
+    #[default]
+    HalfOpen,
+    /// The handshake completes (the connection reaches the server's accept queue) and is
+    /// then ended with a reset.
+    Full,
+}
+
 /// Active health checking of every server of an upstream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,6 +151,9 @@ pub struct HealthCheck {
     /// Consecutive failures that make a server unhealthy.
     #[serde(default = "default_fall")]
     pub fall: u32,
+    /// TCP checks only: `half_open` (the default) or `full`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_handshake: Option<TcpHandshake>,
 }
 
 pub fn default_check_path() -> String {

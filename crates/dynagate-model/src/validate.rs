@@ -160,6 +160,12 @@ fn validate_health_check(hc: &HealthCheck) -> Result<(), ModelError> {
             format!("{} is out of range 1-100", hc.fall),
         ));
     }
+    if hc.kind != CheckKind::Tcp && hc.tcp_handshake.is_some() {
+        return Err(ModelError::invalid(
+            "health_check.tcp_handshake",
+            "applies to checks of type tcp only",
+        ));
+    }
     if hc.kind == CheckKind::Http {
         if !hc.path.starts_with('/') || hc.path.bytes().any(|b| b <= b' ' || b == 0x7f) {
             return Err(ModelError::invalid(

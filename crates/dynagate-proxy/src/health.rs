@@ -18,7 +18,7 @@
 
 use crate::runtime::{unix_ms, Health, ServerStats, Snapshot, Target, UpstreamRuntime};
 use arc_swap::ArcSwap;
-use dynagate_model::{CheckKind, HealthCheck};
+use dynagate_model::{CheckKind, HealthCheck, TcpHandshake};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use parking_lot::Mutex;
@@ -446,6 +446,66 @@ fn new_socket(addr: SocketAddr) -> io::Result<Socket> {
     }
 }
 
+/// Makes a connecting socket keep back the handshake's last ACK (Linux: `TCP_DEFER_ACCEPT`
+/// on a client socket delays it until data is sent), so that a reset right after the
+/// server's SYN-ACK ends a half-open check before the server's accept queue sees it.
+/// The option stays set across `disconnect`.
+fn defer_last_ack(sock: &Socket) -> io::Result<()> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let one: libc::c_int = 1;
+        // SAFETY: a valid socket and an int option of its own size.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let _ = sock;
+        Ok(()) // elsewhere the handshake completes: a full check
+    }
+}
+
+/// Binds a TCP check socket to a source port of its own, kept for good: connect(2) on a
+/// bound socket skips the search for a free ephemeral port, and `disconnect` keeps the
+/// port instead of giving it back. The port comes from the kernel (a throwaway socket bound
+/// to port 0; both sockets allow address reuse). On failure the socket stays unbound and
+/// connect(2) picks a port each time, as usual.
+fn pin_source_port(sock: &Socket, addr: SocketAddr) {
+    let any: SocketAddr = match addr {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let pinned = (|| -> io::Result<()> {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        probe.set_reuse_address(true)?;
+        probe.bind(&any.into())?;
+        let port = probe
+            .local_addr()?
+            .as_socket()
+            .map(|a| a.port())
+            .ok_or_else(|| io::Error::other("no port"))?;
+        sock.set_reuse_address(true)?;
+        let mut at = any;
+        at.set_port(port);
+        sock.bind(&at.into())
+    })();
+    if let Err(e) = pinned {
+        tracing::debug!(error = %e, "health check socket keeps no source port");
+    }
+}
+
 fn in_progress(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
@@ -729,7 +789,8 @@ struct Engine {
     /// Slots with a check in flight.
     inflight: Vec<u32>,
     limit: usize,
-    pool: [Vec<Socket>; 2],
+    /// Idle TCP check sockets by [address family][half-open].
+    pool: [[Vec<Socket>; 2]; 2],
     scratch: Box<[u8]>,
     dns: Resolver,
 }
@@ -754,7 +815,7 @@ impl Engine {
             queued: VecDeque::new(),
             inflight: Vec::new(),
             limit,
-            pool: [Vec::new(), Vec::new()],
+            pool: Default::default(),
             scratch: vec![0; SCRATCH].into_boxed_slice(),
             dns: Resolver {
                 runtime: None,
@@ -1277,9 +1338,18 @@ impl Engine {
 
     fn connect_tcp(&mut self, idx: usize, addr: SocketAddr) {
         let family = addr.is_ipv6() as usize;
-        let sock = match self.pool[family].pop() {
+        let half = (self.slot(idx).check.tcp_handshake.unwrap_or_default()
+            == TcpHandshake::HalfOpen) as usize;
+        let sock = match self.pool[family][half].pop() {
             Some(s) => s,
-            None => match new_socket(addr) {
+            None => match new_socket(addr).and_then(|s| {
+                if half == 1 {
+                    defer_last_ack(&s)?;
+                }
+                #[cfg(any(target_os = "linux", target_os = "android"))]
+                pin_source_port(&s, addr);
+                Ok(s)
+            }) {
                 Ok(s) => s,
                 Err(e) => return self.connect_failed(idx, e),
             },
@@ -1295,7 +1365,7 @@ impl Engine {
             r => r,
         };
         match r {
-            Ok(()) => self.tcp_ok(idx, sock, Some(family)),
+            Ok(()) => self.tcp_ok(idx, sock, Some((family, half))),
             Err(e) if in_progress(&e) => {
                 let id = match self.register(idx, &sock) {
                     Ok(id) => id,
@@ -1319,27 +1389,34 @@ impl Engine {
         let (Some(conn), Some(peer)) = (slot.conn.as_ref(), slot.peer) else {
             return;
         };
-        let r = conn.sock.connect(&SockAddr::from(peer));
-        match r {
-            Err(e) if in_progress(&e) => {}
-            Ok(()) => {
-                let conn = slot.conn.take().expect("a connection");
-                self.tcp_ok(idx, conn.sock, None);
+        match conn.sock.connect(&SockAddr::from(peer)) {
+            Err(e) if in_progress(&e) => return,
+            Err(e) if e.raw_os_error() != Some(libc::EISCONN) => {
+                return self.connect_failed(idx, e)
             }
-            Err(e) if e.raw_os_error() == Some(libc::EISCONN) => {
-                let conn = slot.conn.take().expect("a connection");
-                self.tcp_ok(idx, conn.sock, None);
-            }
-            Err(e) => self.connect_failed(idx, e),
+            _ => {} // established (Ok or EISCONN)
         }
+        let half =
+            (slot.check.tcp_handshake.unwrap_or_default() == TcpHandshake::HalfOpen) as usize;
+        let conn = slot.conn.take().expect("a connection");
+        // Out of epoll, the socket can go back to the pool (its old token's late events
+        // no longer match a connection id).
+        let fd = conn.sock.as_raw_fd();
+        let pool = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&fd))
+            .ok()
+            .map(|()| (peer.is_ipv6() as usize, half));
+        self.tcp_ok(idx, conn.sock, pool);
     }
 
     /// A TCP check passed: reset the connection; keep the socket for the next check when
     /// `pool` says so (it is not registered with epoll).
-    fn tcp_ok(&mut self, idx: usize, sock: Socket, pool: Option<usize>) {
+    fn tcp_ok(&mut self, idx: usize, sock: Socket, pool: Option<(usize, usize)>) {
         match disconnect(&sock) {
             Ok(()) => match pool {
-                Some(f) if self.pool[f].len() < POOL_MAX => self.pool[f].push(sock),
+                Some((f, h)) if self.pool[f][h].len() < POOL_MAX => self.pool[f][h].push(sock),
                 _ => {} // closes quietly: nothing left to end
             },
             Err(_) => {
@@ -1765,19 +1842,38 @@ mod tests {
 
     #[test]
     fn tcp_checks_reset_their_connection_and_keep_the_socket() {
+        // Full handshake: both connections reach the server's accept queue (then reset).
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let (mut e, idx, stats) = engine_with(tcp_check(), addr);
+        let full =
+            check(r#"{"type":"tcp","interval":"1s","timeout":"100ms","tcp_handshake":"full"}"#);
+        let (mut e, idx, stats) = engine_with(full, addr);
         assert_eq!(check_now(&mut e, idx), Outcome::Tcp);
         assert_eq!(check_now(&mut e, idx), Outcome::Tcp);
         assert_eq!(stats.health(), Health::Healthy);
         assert_eq!(stats.last_check().unwrap().message, "TCP connect ok");
         #[cfg(target_os = "linux")]
-        assert_eq!(e.pool[0].len(), 1, "one socket for both checks");
-        // Both connections were made (the server sees them, reset).
+        assert_eq!(e.pool[0][0].len(), 1, "one socket for both checks");
         listener.set_nonblocking(true).unwrap();
         let accepted = std::iter::from_fn(|| listener.accept().ok()).count();
         assert_eq!(accepted, 2);
+
+        // Half-open (the default): the SYN-ACK passes, the server's application never
+        // sees a connection, and the socket is kept with its option for the next check.
+        let (mut e, idx, stats) = engine_with(tcp_check(), addr);
+        for _ in 0..3 {
+            assert_eq!(check_now(&mut e, idx), Outcome::Tcp);
+        }
+        assert_eq!(stats.health(), Health::Healthy);
+        #[cfg(target_os = "linux")]
+        {
+            assert_eq!(e.pool[0][1].len(), 1, "one socket for the three checks");
+            let kept = e.pool[0][1][0].local_addr().unwrap().as_socket().unwrap();
+            assert_ne!(kept.port(), 0, "the socket keeps its source port");
+            std::thread::sleep(Duration::from_millis(50));
+            let accepted = std::iter::from_fn(|| listener.accept().ok()).count();
+            assert_eq!(accepted, 0, "a half-open check never reaches accept()");
+        }
 
         let closed = TcpListener::bind("127.0.0.1:0")
             .unwrap()
