@@ -344,8 +344,11 @@ def main():
                 "tcp_full": "TCP, \"tcp_handshake\":\"full\" (connect, then reset; counted "
                             "by nginx's accepts)"}[kind]
         by_thread = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["threads_pct"].items()))
+        # The target is the default check kinds'; a full handshake is reported for contrast.
+        target, ok = ("≤ 15%", net <= 15) if kind != "tcp_full" else (
+            "info (the server's half of each handshake is charged to dynagate on loopback)", None)
         rows.append(row(f"active {LABEL[kind]} checks, {SERVERS:,} servers at 1 s: dynagate CPU, "
-                        f"% of one core above idle", na, net, "%", "≤ 15%", ratio=None, ok=net <= 15,
+                        f"% of one core above idle", na, net, "%", target, ratio=None, ok=ok,
                         note=f"{what}, timeout 500ms; raw {r['cpu_pct']:.2f}% minus idle "
                              f"{hc['baseline']:.2f}% (same {SERVERS:,} upstreams, no checks: "
                              f"{hc['idle_before']['cpu_pct']:.2f}% before, {hc['idle_after']['cpu_pct']:.2f}% "
