@@ -92,10 +92,18 @@ pub async fn proxy(conn: &mut ClientConn, shared: &Shared, head: RequestHead) ->
         return simple(conn, &mut ctx, 400, why, true).await;
     }
 
+    // RFC 9112 §3.2: an HTTP/1.1 request without Host (and without an absolute-form
+    // target naming one) is refused, as nginx does, rather than routed as host "".
+    let host_raw = head.host(buf);
+    if host_raw.is_none() && head.minor_version >= 1 {
+        worker.counters.bad_request.fetch_add(1, Ordering::Relaxed);
+        let why = "dynagate: bad request: HTTP/1.1 request without Host";
+        return simple(conn, &mut ctx, 400, why, true).await;
+    }
+
     // 2. route
     let snapshot = worker.snapshots.load();
-    let host_raw = head
-        .host(buf)
+    let host_raw = host_raw
         .and_then(|h| std::str::from_utf8(h).ok())
         .unwrap_or("");
     let host = normalize_host(host_raw);

@@ -234,6 +234,29 @@ async fn pipelining_and_http10() {
         );
         assert_eq!(body, path.as_bytes());
     }
+
+    // HTTP/1.1 without Host: 400 naming it, connection closed (RFC 9112 §3.2) ...
+    let mut s = connect(&gw).await;
+    s.write_all(b"GET /nohost HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all))
+        .await
+        .expect("connection closed after the 400")
+        .unwrap();
+    let text = String::from_utf8_lossy(&all);
+    assert!(
+        text.starts_with("HTTP/1.1 400") && text.contains("without Host"),
+        "{text}"
+    );
+    // ... unless its absolute-form target names the host.
+    let mut s = connect(&gw).await;
+    s.write_all(b"GET http://x/abs HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let (head, body) = read_response(&mut s, &mut buf).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"/abs");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
