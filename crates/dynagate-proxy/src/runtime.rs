@@ -37,8 +37,9 @@ pub struct ServerRuntime {
 /// The pool key of `address`: one shared string per address however many upstreams
 /// list it, so a request's pool lookup hashes bytes that are already in cache.
 fn pool_key(address: &str) -> Arc<str> {
-    static KEYS: OnceLock<Mutex<(HashMap<Box<str>, std::sync::Weak<str>>, usize)>> =
-        OnceLock::new();
+    /// The interned keys, and their number after the last pruning.
+    type Keys = (HashMap<Box<str>, std::sync::Weak<str>>, usize);
+    static KEYS: OnceLock<Mutex<Keys>> = OnceLock::new();
     let mut keys = KEYS.get_or_init(Default::default).lock();
     if let Some(key) = keys.0.get(address).and_then(|w| w.upgrade()) {
         return key;
