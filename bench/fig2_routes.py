@@ -4,7 +4,10 @@
 Two dynagate instances (1 worker, core 0) run side by side: one with a single route, one
 loaded over the admin API with 1,000 upstreams (2 servers each, the same two origins) and
 1,000 routes (host h<i>.example). wrk rotates over the 1,000 hosts (or sends the one host:
-same wrk script either way). Alternated, ROUNDS rounds, medians. Also reports how long the
+same wrk script either way). The one route's host is h<N/2>.example, as long as most
+rotated hosts (h100..h999: 12 bytes), so both sides send requests of the same size (the
+Host and the X-Forwarded-Host sent upstream); until 2026-11-21 it was bench.example, one
+byte longer. Alternated, ROUNDS rounds, medians. Also reports how long the
 bulk load over HTTP took (each change is an fsynced SQLite transaction).
 """
 import os
@@ -21,7 +24,9 @@ def main():
     secs = 2 if QUICK else 10
     origin = start_origin()
     one = Dynagate(1, PROXY_CPU, name="dg-one")
-    one.setup_basic()
+    # Same Host length as most of the rotated hosts (see the docstring).
+    one_host = f"h{N // 2}.example"
+    one.setup_basic(host=one_host)
     many = Dynagate(1, PROXY_CPU, name="dg-many", port=BASE + 93, admin_port=BASE + 94,
                     registry_port=BASE + 95)
     servers = [{"address": f"127.0.0.1:{p}", "weight": 1} for p in ORIGIN_PORTS]
@@ -43,7 +48,7 @@ def main():
         f"(p50 {times[len(times) // 2] * 1e3:.2f} ms, p99 {times[int(len(times) * 0.99)] * 1e3:.2f} ms per call)")
     check_get(many.port, "/", SMALL_BODY.encode(), host=f"h{N - 1}.example")
 
-    cases = {"1 route": (one, {"BENCH_HOST": HOST}),
+    cases = {"1 route": (one, {"BENCH_HOST": one_host}),
              f"{N} routes": (many, {"BENCH_HOSTS": str(N)}),
              f"{N} routes, 1 upstream": (many, {"BENCH_HOSTS": str(N), "BENCH_HOST_PREFIX": "s"})}
     for s, env in cases.values():
@@ -63,6 +68,26 @@ def main():
                 f"errors={r['errors']}")
             if r["requests"] == 0 or r["err_status"]:
                 raise SystemExit(f"{k}: broken ({r})")
+    perf_dir = os.environ.get("BENCH_FIG2_PERF")
+    if perf_dir:
+        # Optional: one `perf record -g` of each case after the rounds (not in the figures).
+        os.makedirs(perf_dir, exist_ok=True)
+        for k, (s, env) in cases.items():
+            tag = k.replace(" ", "_").replace(",", "")
+            data = os.path.join(perf_dir, f"{tag}.data")
+            perf = subprocess.Popen(["perf", "record", "-g", "-F", "1999", "-o", data, "-p",
+                                     ",".join(str(p) for p in s.pids())],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+            r = cpu_per_request(s, secs, 50, "/", 1, LOAD_CPU, env)
+            perf.send_signal(signal.SIGINT)
+            perf.wait(60)
+            out = subprocess.run(["perf", "report", "-i", data, "--no-children", "--stdio",
+                                  "--sort", "symbol", "-g", "none", "--percent-limit", "0.3"],
+                                 capture_output=True, text=True).stdout
+            with open(os.path.join(perf_dir, f"{tag}.txt"), "w") as f:
+                f.write(f"# {k}: {r['rps']:.0f} req/s {r['cpu_us_per_req']:.2f} µs/req\n{out}")
+            log(f"  perf {k}: {r['cpu_us_per_req']:.2f} µs/req -> {perf_dir}/{tag}.txt")
     base = median([x["cpu_us_per_req"] for x in res["1 route"]])
     loaded = median([x["cpu_us_per_req"] for x in res[f"{N} routes"]])
     ratio = median([a["cpu_us_per_req"] / b["cpu_us_per_req"]

@@ -424,13 +424,13 @@ class Dynagate:
     def kill(self):
         stop(self.proc, signal.SIGKILL)
 
-    def setup_basic(self, servers=None):
+    def setup_basic(self, servers=None, host=HOST):
         servers = servers or [f"127.0.0.1:{p}" for p in ORIGIN_PORTS]
         self.admin.ok("PUT", "/v1/upstreams/be",
                       {"servers": [{"address": s, "weight": 1} for s in servers], "keepalive": 128})
         self.admin.ok("PUT", "/v1/routes/bench",
-                      {"hosts": [HOST], "path_prefix": "/", "upstream": "be"})
-        check_get(self.port, "/", SMALL_BODY.encode())
+                      {"hosts": [host], "path_prefix": "/", "upstream": "be"})
+        check_get(self.port, "/", SMALL_BODY.encode(), host=host)
 
 
 def check_get(port, path="/", expect=None, host=HOST):

@@ -157,10 +157,10 @@ impl Controller {
     /// plane serves that state from its first request.
     pub fn open(store: Arc<dyn Store>) -> Result<Self, StoreError> {
         let loaded = store.load()?;
-        let snapshot = Snapshot {
-            revision: loaded.revision,
-            routes: Arc::new(RouteTable::build(loaded.config.routes.values())),
-            upstreams: loaded
+        let snapshot = Snapshot::new(
+            loaded.revision,
+            Arc::new(RouteTable::build(loaded.config.routes.values())),
+            loaded
                 .config
                 .upstreams
                 .iter()
@@ -171,7 +171,7 @@ impl Controller {
                     )
                 })
                 .collect(),
-        };
+        );
         let (revision_tx, _) = tokio::sync::watch::channel(loaded.revision);
         Ok(Controller {
             inner: Mutex::new(Inner {
@@ -295,31 +295,23 @@ impl Controller {
     /// upstreams the revision touched are rebuilt; the route table only if routes changed.
     fn publish(&self, config: &Config, revision: &Revision) {
         let old = self.snapshot.load_full();
-        let mut next = Snapshot {
-            revision: revision.number,
-            routes: old.routes.clone(),
-            upstreams: old.upstreams.clone(),
-        };
+        let mut next = (*old).clone();
+        next.revision = revision.number;
         let mut routes_changed = false;
         for change in &revision.changes {
             match change {
-                Change::Upstream { key, after, .. } => match after {
-                    Some(spec) => {
+                Change::Upstream { key, after, .. } => {
+                    let runtime = after.as_ref().map(|spec| {
                         let previous = old.upstreams.get(key).map(|u| &**u);
-                        next.upstreams.insert(
-                            key.clone(),
-                            Arc::new(UpstreamRuntime::build(spec.clone(), previous)),
-                        );
-                    }
-                    None => {
-                        next.upstreams.remove(key);
-                    }
-                },
+                        Arc::new(UpstreamRuntime::build(spec.clone(), previous))
+                    });
+                    next.set_upstream(key, runtime);
+                }
                 Change::Route { .. } => routes_changed = true,
             }
         }
         if routes_changed {
-            next.routes = Arc::new(RouteTable::build(config.routes.values()));
+            next.set_routes(Arc::new(RouteTable::build(config.routes.values())));
         }
         self.snapshot.store(Arc::new(next));
         self.revision_tx.send_replace(revision.number);

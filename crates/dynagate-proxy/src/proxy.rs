@@ -20,7 +20,6 @@ use crate::routing::normalize_host;
 use crate::runtime::{InFlight, Pick, ServerRuntime, Snapshot, UpstreamRuntime};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use dynagate_model::Balance;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body as _, Incoming};
@@ -55,7 +54,8 @@ pub struct GlobalCounters {
 struct Ctx<'a> {
     worker: &'a Worker,
     start: Instant,
-    route: Arc<str>,
+    /// The route's number (for its counters), once routed.
+    route: crate::stats::RouteNo,
     log: Option<Entry>,
 }
 
@@ -107,7 +107,7 @@ pub async fn handle(
     let mut ctx = Ctx {
         worker,
         start: Instant::now(),
-        route: empty_route(),
+        route: crate::stats::RouteNo::MAX,
         log: worker
             .access_log
             .as_ref()
@@ -145,8 +145,8 @@ pub async fn handle(
         );
         return ctx.finish(resp);
     };
-    ctx.route = route.id.clone();
-    let Some(upstream) = snapshot.upstreams.get(&*route.upstream).cloned() else {
+    ctx.route = route.no;
+    let Some(upstream) = snapshot.upstream_for(route).cloned() else {
         let resp = error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("dynagate: upstream {:?} does not exist", route.upstream),
@@ -159,14 +159,12 @@ pub async fn handle(
     }
     let upgrade = is_upgrade(&req);
     let hash = match &upstream.spec.hash_key {
-        Some(key) if upstream.spec.balance == Balance::ConsistentHash => {
-            hash_key(&req, client.addr, key)
-        }
+        Some(key) if upstream.hashes => hash_key(&req, client.addr, key),
         _ => None,
     };
 
     // 4. upstream_request (before selection: it does not depend on the server)
-    let upstream_host = route.upstream_host_value.clone();
+    let upstream_host = route.upstream_host_value.as_deref().cloned();
     drop(host);
     upstream_request(&mut req, client, host_value, upstream_host, upgrade);
     drop(snapshot);
@@ -175,11 +173,6 @@ pub async fn handle(
         return proxy_upgrade(&mut ctx, req, &upstream).await;
     }
     send(&mut ctx, req, &upstream, hash).await
-}
-
-pub(crate) fn empty_route() -> Arc<str> {
-    static EMPTY: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
-    EMPTY.get_or_init(|| Arc::from("")).clone()
 }
 
 fn log_entry(req: &Request<Incoming>, client: SocketAddr) -> Entry {
@@ -589,9 +582,12 @@ async fn send(
             Ok(Ok(resp)) => {
                 let status = resp.status().as_u16();
                 let elapsed = sent_at.elapsed();
-                server
-                    .stats
-                    .record_response(&ctx.route, status, elapsed.as_micros() as u64);
+                server.stats.record_response(
+                    ctx.route,
+                    status,
+                    elapsed.as_micros() as u64,
+                    upstream.balance == dynagate_model::Balance::P2cEwma,
+                );
                 if status >= 500 {
                     upstream.record_outlier_failure(index);
                 } else {
@@ -747,9 +743,10 @@ async fn proxy_upgrade(
         };
         let elapsed = sent_at.elapsed();
         server.stats.record_response(
-            &ctx.route,
+            ctx.route,
             resp.status().as_u16(),
             elapsed.as_micros() as u64,
+            upstream.balance == dynagate_model::Balance::P2cEwma,
         );
         server.stats.record_success();
         let log = pending_log(ctx, server, resp.status().as_u16(), elapsed);

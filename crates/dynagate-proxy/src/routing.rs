@@ -1,79 +1,327 @@
 //! The route table: host (exact > wildcard > any) then longest path prefix, then methods.
 //! Built once per route change; lookups allocate nothing.
+//!
+//! Laid out for a request's few cache lines rather than for generality: hosts sit in
+//! one open-addressing array of 64-byte slots with the host bytes inline (one line read
+//! per lookup, no pointer to a key string), and the entries a request reads (path prefix
+//! inline, upstream slot, route number) in one contiguous array. A route's upstream is
+//! a slot number, resolved to the upstream's runtime once per published snapshot
+//! (`Snapshot::upstream_for`) instead of a lookup by name per request.
 
+use crate::stats::{route_number, RouteNo};
 use dynagate_model::Route;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// A route as the data plane holds it, with shared strings for metrics and logs.
+/// Path prefixes up to this length are compared without leaving the entry.
+const INLINE_PREFIX: usize = 20;
+
+/// A route as the data plane holds it: what matching and proxying read first, then the
+/// shared strings for metrics and logs.
 #[derive(Debug)]
+#[repr(C, align(64))]
 pub struct RouteEntry {
-    pub route: Arc<Route>,
+    /// Index of the upstream in `RouteTable::upstream_names` (and in the snapshot's
+    /// resolved upstreams).
+    pub upstream_slot: u32,
+    /// The number of `id`, for per-route counters.
+    pub no: RouteNo,
+    prefix_len: u32,
+    prefix_inline: [u8; INLINE_PREFIX],
+    methods: Box<[Box<str>]>,
+    /// `upstream_host` ready to send.
+    pub upstream_host_value: Option<Box<http::HeaderValue>>,
+    // The first 64 bytes end here.
+    /// Only when the prefix is longer than `INLINE_PREFIX`.
+    prefix_long: Option<Box<str>>,
     pub id: Arc<str>,
     pub upstream: Arc<str>,
-    /// `upstream_host` ready to send.
-    pub upstream_host_value: Option<http::HeaderValue>,
+    pub route: Arc<Route>,
 }
 
-impl std::ops::Deref for RouteEntry {
-    type Target = Route;
-    fn deref(&self) -> &Route {
-        &self.route
+impl RouteEntry {
+    fn new(route: &Arc<Route>, upstream_slot: u32) -> Self {
+        let prefix = route.path_prefix.as_bytes();
+        let mut prefix_inline = [0; INLINE_PREFIX];
+        let prefix_long = if prefix.len() <= INLINE_PREFIX {
+            prefix_inline[..prefix.len()].copy_from_slice(prefix);
+            None
+        } else {
+            Some(Box::from(route.path_prefix.as_str()))
+        };
+        RouteEntry {
+            upstream_slot,
+            no: route_number(&route.id),
+            prefix_len: prefix.len() as u32,
+            prefix_inline,
+            prefix_long,
+            methods: route
+                .methods
+                .iter()
+                .map(|m| Box::from(m.as_str()))
+                .collect(),
+            upstream_host_value: route
+                .upstream_host
+                .as_deref()
+                .and_then(|h| http::HeaderValue::from_str(h).ok())
+                .map(Box::new),
+            id: Arc::from(route.id.as_str()),
+            upstream: Arc::from(route.upstream.as_str()),
+            route: route.clone(),
+        }
     }
+
+    pub fn path_prefix(&self) -> &[u8] {
+        // The length decides, so a short prefix never reads the second line.
+        match self.prefix_inline.get(..self.prefix_len as usize) {
+            Some(short) => short,
+            None => self
+                .prefix_long
+                .as_deref()
+                .map(str::as_bytes)
+                .unwrap_or(b""),
+        }
+    }
+
+    fn matches(&self, path: &str, method: &str) -> bool {
+        path.as_bytes().starts_with(self.path_prefix())
+            && (self.methods.is_empty() || self.methods.iter().any(|m| &**m == method))
+    }
+}
+
+/// Host bytes kept inline in a slot; longer hosts keep their tail in the key arena.
+const INLINE_HOST: usize = 36;
+
+/// One host of a `HostMap`: its hash, candidates and (the start of) its name, in one
+/// cache line.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct HostSlot {
+    hash: u64,
+    /// Candidates are `lists[start..start + count]`; count 0 marks a free slot.
+    start: u32,
+    count: u32,
+    /// The first candidate (most lists have one): no trip to `lists` for it.
+    first: u32,
+    key_len: u32,
+    /// Where bytes past `INLINE_HOST` are in the arena.
+    key_tail: u32,
+    key_inline: [u8; INLINE_HOST],
+}
+
+const FREE: HostSlot = HostSlot {
+    hash: 0,
+    start: 0,
+    count: 0,
+    first: 0,
+    key_len: 0,
+    key_tail: 0,
+    key_inline: [0; INLINE_HOST],
+};
+
+/// Host name → candidate list, open addressing with linear probing, at most half full.
+#[derive(Debug, Default)]
+struct HostMap {
+    slots: Box<[HostSlot]>,
+    seed: u64,
+    arena: Box<[u8]>,
+}
+
+impl HostMap {
+    /// `hosts`: (name, start, count, first) per host, names distinct.
+    fn build(hosts: &[(String, u32, u32, u32)], seed: u64) -> HostMap {
+        if hosts.is_empty() {
+            return HostMap::default();
+        }
+        let size = (hosts.len() * 2).next_power_of_two();
+        let mut slots = vec![FREE; size];
+        let mut arena = Vec::new();
+        for (name, start, count, first) in hosts {
+            let key = name.as_bytes();
+            let hash = host_hash(seed, key);
+            let mut slot = HostSlot {
+                hash,
+                start: *start,
+                count: *count,
+                first: *first,
+                key_len: key.len() as u32,
+                key_tail: arena.len() as u32,
+                key_inline: [0; INLINE_HOST],
+            };
+            let inline = key.len().min(INLINE_HOST);
+            slot.key_inline[..inline].copy_from_slice(&key[..inline]);
+            arena.extend_from_slice(&key[inline..]);
+            let mut i = hash as usize & (size - 1);
+            while slots[i].count != 0 {
+                i = (i + 1) & (size - 1);
+            }
+            slots[i] = slot;
+        }
+        HostMap {
+            slots: slots.into_boxed_slice(),
+            seed,
+            arena: arena.into_boxed_slice(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    fn get(&self, host: &str) -> Option<&HostSlot> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let key = host.as_bytes();
+        let hash = host_hash(self.seed, key);
+        let mask = self.slots.len() - 1;
+        let mut i = hash as usize & mask;
+        loop {
+            let slot = &self.slots[i];
+            if slot.count == 0 {
+                return None;
+            }
+            if slot.hash == hash && self.key_eq(slot, key) {
+                return Some(slot);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    fn key_eq(&self, slot: &HostSlot, key: &[u8]) -> bool {
+        if slot.key_len as usize != key.len() {
+            return false;
+        }
+        let inline = key.len().min(INLINE_HOST);
+        if slot.key_inline[..inline] != key[..inline] {
+            return false;
+        }
+        let tail = &key[inline..];
+        let at = slot.key_tail as usize;
+        self.arena.get(at..at + tail.len()) == Some(tail)
+    }
+}
+
+/// A seeded multiply-fold hash over 8-byte words: a few cycles for a host name, and
+/// a seed drawn per table so which requests probe longer is not predictable.
+fn host_hash(seed: u64, key: &[u8]) -> u64 {
+    const K: u64 = 0x9e3779b97f4a7c15;
+    let fold = |a: u64, b: u64| {
+        let r = (a as u128).wrapping_mul(b as u128);
+        (r as u64) ^ ((r >> 64) as u64)
+    };
+    let mut h = seed ^ (key.len() as u64).wrapping_mul(K);
+    let mut words = key.chunks_exact(8);
+    for w in &mut words {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        h = fold(h ^ u64::from_le_bytes(b), K);
+    }
+    let rest = words.remainder();
+    if !rest.is_empty() {
+        let mut b = [0u8; 8];
+        b[..rest.len()].copy_from_slice(rest);
+        h = fold(h ^ u64::from_le_bytes(b), 0xc2b2ae3d27d4eb4f);
+    }
+    fold(h, 0x165667b19e3779f9)
 }
 
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    exact: HashMap<String, Vec<Arc<RouteEntry>>>,
+    entries: Vec<RouteEntry>,
+    /// Candidate lists of every host (and of `any`), as indexes into `entries`, each
+    /// ordered by precedence.
+    lists: Vec<u32>,
+    exact: HostMap,
     /// Keyed by the suffix after `*.` (`example.com` for `*.example.com`).
-    wildcard: HashMap<String, Vec<Arc<RouteEntry>>>,
-    any: Vec<Arc<RouteEntry>>,
+    wildcard: HostMap,
+    /// `lists[any.0..any.0 + any.1]`: routes without hosts.
+    any: (u32, u32),
+    /// The upstream of each upstream slot, and the slot of each upstream.
+    upstream_names: Vec<Arc<str>>,
+    upstream_slots: HashMap<Arc<str>, u32>,
+    /// Entries over all host lists (a route with two hosts counts twice).
+    len: usize,
 }
 
 impl RouteTable {
     pub fn build<'a>(routes: impl IntoIterator<Item = &'a Arc<Route>>) -> Self {
         let mut table = RouteTable::default();
-        for route in routes {
-            let entry = Arc::new(RouteEntry {
-                route: route.clone(),
-                id: Arc::from(route.id.as_str()),
-                upstream: Arc::from(route.upstream.as_str()),
-                upstream_host_value: route
-                    .upstream_host
-                    .as_deref()
-                    .and_then(|h| http::HeaderValue::from_str(h).ok()),
-            });
+        let mut exact: HashMap<&str, Vec<u32>> = HashMap::new();
+        let mut wildcard: HashMap<&str, Vec<u32>> = HashMap::new();
+        let mut any: Vec<u32> = Vec::new();
+        let routes: Vec<&Arc<Route>> = routes.into_iter().collect();
+        for route in &routes {
+            let slot = match table.upstream_slots.get(route.upstream.as_str()) {
+                Some(slot) => *slot,
+                None => {
+                    let name: Arc<str> = Arc::from(route.upstream.as_str());
+                    let slot = table.upstream_names.len() as u32;
+                    table.upstream_names.push(name.clone());
+                    table.upstream_slots.insert(name, slot);
+                    slot
+                }
+            };
+            let index = table.entries.len() as u32;
+            table.entries.push(RouteEntry::new(route, slot));
             if route.hosts.is_empty() {
-                table.any.push(entry.clone());
+                any.push(index);
             }
             for host in &route.hosts {
-                let list = match host.strip_prefix("*.") {
-                    Some(suffix) => table.wildcard.entry(suffix.to_string()).or_default(),
-                    None => table.exact.entry(host.clone()).or_default(),
-                };
-                list.push(entry.clone());
+                match host.strip_prefix("*.") {
+                    Some(suffix) => wildcard.entry(suffix).or_default().push(index),
+                    None => exact.entry(host.as_str()).or_default().push(index),
+                }
             }
         }
         // Longest prefix first; among equals, routes with a method list before catch-alls,
         // then by id so the order never depends on insertion.
-        let order = |list: &mut Vec<Arc<RouteEntry>>| {
+        let entries = &table.entries;
+        let order = |list: &mut Vec<u32>| {
             list.sort_by(|a, b| {
-                b.path_prefix
-                    .len()
-                    .cmp(&a.path_prefix.len())
+                let (a, b) = (&entries[*a as usize], &entries[*b as usize]);
+                b.prefix_len
+                    .cmp(&a.prefix_len)
                     .then(b.methods.is_empty().cmp(&a.methods.is_empty()).reverse())
                     .then(a.id.cmp(&b.id))
             })
         };
-        table.exact.values_mut().for_each(order);
-        table.wildcard.values_mut().for_each(order);
-        order(&mut table.any);
+        let mut lists = Vec::new();
+        let flatten = |map: HashMap<&str, Vec<u32>>, lists: &mut Vec<u32>| {
+            let mut hosts: Vec<(String, u32, u32, u32)> = Vec::with_capacity(map.len());
+            for (host, mut list) in map {
+                order(&mut list);
+                hosts.push((
+                    host.to_string(),
+                    lists.len() as u32,
+                    list.len() as u32,
+                    list.first().copied().unwrap_or(u32::MAX),
+                ));
+                lists.extend_from_slice(&list);
+            }
+            hosts
+        };
+        let exact_hosts = flatten(exact, &mut lists);
+        let wildcard_hosts = flatten(wildcard, &mut lists);
+        order(&mut any);
+        let any_range = (lists.len() as u32, any.len() as u32);
+        lists.extend_from_slice(&any);
+        let seed = crate::balance::random_u64();
+        table.len = lists.len();
+        table.exact = HostMap::build(&exact_hosts, seed);
+        table.wildcard = HostMap::build(&wildcard_hosts, seed.rotate_left(17));
+        table.any = any_range;
+        table.lists = lists;
         table
     }
 
     /// `host` must be lower case without port.
-    pub fn find(&self, host: &str, path: &str, method: &str) -> Option<&Arc<RouteEntry>> {
-        if let Some(r) = self.exact.get(host).and_then(|l| pick(l, path, method)) {
+    pub fn find(&self, host: &str, path: &str, method: &str) -> Option<&RouteEntry> {
+        if let Some(r) = self
+            .exact
+            .get(host)
+            .and_then(|s| self.pick_slot(s, path, method))
+        {
             return Some(r);
         }
         if !self.wildcard.is_empty() {
@@ -83,32 +331,51 @@ impl RouteTable {
                 if let Some(r) = self
                     .wildcard
                     .get(suffix)
-                    .and_then(|l| pick(l, path, method))
+                    .and_then(|s| self.pick_slot(s, path, method))
                 {
                     return Some(r);
                 }
                 rest = suffix;
             }
         }
-        pick(&self.any, path, method)
+        self.pick(self.any.0, self.any.1, path, method)
+    }
+
+    fn pick_slot(&self, slot: &HostSlot, path: &str, method: &str) -> Option<&RouteEntry> {
+        if let Some(first) = self.entries.get(slot.first as usize) {
+            if first.matches(path, method) {
+                return Some(first);
+            }
+        }
+        self.pick(slot.start + 1, slot.count.saturating_sub(1), path, method)
+    }
+
+    fn pick(&self, start: u32, count: u32, path: &str, method: &str) -> Option<&RouteEntry> {
+        let (start, count) = (start as usize, count as usize);
+        self.lists
+            .get(start..start + count)?
+            .iter()
+            .filter_map(|i| self.entries.get(*i as usize))
+            .find(|r| r.matches(path, method))
+    }
+
+    /// The upstream names routes lead to, by upstream slot.
+    pub fn upstream_names(&self) -> &[Arc<str>] {
+        &self.upstream_names
+    }
+
+    /// The slot of upstream `name`, if a route leads to it.
+    pub fn upstream_slot(&self, name: &str) -> Option<u32> {
+        self.upstream_slots.get(name).copied()
     }
 
     pub fn len(&self) -> usize {
-        self.exact.values().map(Vec::len).sum::<usize>()
-            + self.wildcard.values().map(Vec::len).sum::<usize>()
-            + self.any.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-fn pick<'a>(list: &'a [Arc<RouteEntry>], path: &str, method: &str) -> Option<&'a Arc<RouteEntry>> {
-    list.iter().find(|r| {
-        path.starts_with(r.path_prefix.as_str())
-            && (r.methods.is_empty() || r.methods.iter().any(|m| m == method))
-    })
 }
 
 /// Lower-cases a Host header value and removes the port, without allocating when it is
@@ -160,6 +427,68 @@ mod tests {
         assert_eq!(id("x.shop.example.com", "/", "GET"), "wild-deep");
         assert_eq!(id("example.com", "/api/v1", "GET"), "any-api");
         assert_eq!(id("other.org", "/", "GET"), "any");
+    }
+
+    #[test]
+    fn long_hosts_and_prefixes_many_routes() {
+        let long_host = "a-rather-long-service-name.some-namespace.svc.cluster.local";
+        let twin = "a-rather-long-service-name.some-namespace.svc.cluster.locak";
+        let long_prefix = "/api/v1/some/deeply/nested/resource";
+        let mut routes = vec![
+            r("long", &[long_host], "/", &[]),
+            r("twin", &[twin], "/", &[]),
+            r("long-prefix", &[long_host], long_prefix, &[]),
+        ];
+        for i in 0..1000 {
+            routes.push(r(&format!("r{i}"), &[&format!("h{i}.example")], "/", &[]));
+        }
+        let t = RouteTable::build(routes.iter());
+        assert_eq!(t.len(), 1003);
+        let id = |h: &str, p: &str| t.find(h, p, "GET").map(|r| r.id.to_string());
+        assert_eq!(id(long_host, "/x").as_deref(), Some("long"));
+        assert_eq!(id(twin, "/x").as_deref(), Some("twin"));
+        assert_eq!(
+            id(long_host, "/api/v1/some/deeply/nested/resource/7").as_deref(),
+            Some("long-prefix")
+        );
+        // A prefix of the long prefix is not enough.
+        assert_eq!(
+            id(long_host, "/api/v1/some/deeply").as_deref(),
+            Some("long")
+        );
+        for i in 0..1000 {
+            assert_eq!(id(&format!("h{i}.example"), "/"), Some(format!("r{i}")));
+        }
+        assert_eq!(id("h1000.example", "/"), None);
+        assert_eq!(id("", "/"), None);
+        assert_eq!(id(&long_host[..40], "/"), None);
+    }
+
+    #[test]
+    fn upstream_slots_and_route_numbers() {
+        let mut a = Route::new("a", &["a.example"], "/", "u1");
+        a.upstream_host = Some("inner.example".into());
+        let routes = [
+            Arc::new(a),
+            Arc::new(Route::new("b", &["b.example"], "/", "u2")),
+            Arc::new(Route::new("c", &["c.example"], "/", "u1")),
+        ];
+        let t = RouteTable::build(routes.iter());
+        let names: Vec<&str> = t.upstream_names().iter().map(|n| &**n).collect();
+        assert_eq!(names, ["u1", "u2"]);
+        let a = t.find("a.example", "/", "GET").unwrap();
+        let c = t.find("c.example", "/", "GET").unwrap();
+        assert_eq!(a.upstream_slot, c.upstream_slot);
+        assert_eq!(t.upstream_slot("u2"), Some(1));
+        assert_eq!(t.upstream_slot("u3"), None);
+        assert_eq!(
+            a.upstream_host_value.as_deref().map(|v| v.as_bytes()),
+            Some(&b"inner.example"[..])
+        );
+        // The same id keeps its number in a rebuilt table.
+        let again = RouteTable::build(routes.iter());
+        assert_eq!(again.find("a.example", "/", "GET").unwrap().no, a.no);
+        assert_ne!(a.no, c.no);
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! records, which outlive snapshots (see stats.rs).
 
 use crate::balance::{self, Ketama, Maglev};
-use crate::routing::RouteTable;
-pub use crate::stats::{mono_ms, unix_ms, Health, InFlight, ServerStats};
+use crate::routing::{RouteEntry, RouteTable};
+pub use crate::stats::{mono_ms, unix_ms, Alarm, Health, InFlight, ServerStats};
 use dynagate_model::{Balance, HashMethod, RegistryStatus, Server, ServerState, Upstream};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -20,16 +20,38 @@ pub enum Target {
 }
 
 #[derive(Debug)]
+#[repr(C)]
 pub struct ServerRuntime {
-    pub spec: Server,
+    // What a request reads of the server it was given first.
+    pub stats: Arc<ServerStats>,
     /// The pool key: the configured `host:port`.
     pub key: Arc<str>,
     pub target: Target,
-    pub stats: Arc<ServerStats>,
+    pub spec: Server,
     /// On this host or in this gateway's zone (for `local_first`).
     pub local: bool,
     /// The service registry lets it take traffic (always true for admin-managed servers).
     pub registry_ok: bool,
+}
+
+/// The pool key of `address`: one shared string per address however many upstreams
+/// list it, so a request's pool lookup hashes bytes that are already in cache.
+fn pool_key(address: &str) -> Arc<str> {
+    /// The interned keys, and their number after the last pruning.
+    type Keys = (HashMap<Box<str>, std::sync::Weak<str>>, usize);
+    static KEYS: OnceLock<Mutex<Keys>> = OnceLock::new();
+    let mut keys = KEYS.get_or_init(Default::default).lock();
+    if let Some(key) = keys.0.get(address).and_then(|w| w.upgrade()) {
+        return key;
+    }
+    let key: Arc<str> = Arc::from(address);
+    keys.0.insert(Box::from(address), Arc::downgrade(&key));
+    // Forget addresses no server uses any more, whenever the map doubled since.
+    if keys.0.len() > 2 * keys.1 + 64 {
+        keys.0.retain(|_, w| w.strong_count() > 0);
+        keys.1 = keys.0.len();
+    }
+    key
 }
 
 /// This gateway's zone, set once at start (for `local_first`).
@@ -82,14 +104,76 @@ pub struct Pick<'a> {
     pub hash: Option<u64>,
 }
 
-/// An upstream as the data plane uses it.
+/// What the balancer reads of every server, and what a request then needs of the one
+/// it got, 32 bytes each in one array: picking among two servers and sending to one
+/// reads one line, not each server's `ServerRuntime` (which is 4 times larger).
 #[derive(Debug)]
+pub struct Candidate {
+    pub stats: Arc<ServerStats>,
+    /// The pool key (the same string as `ServerRuntime::key`).
+    pub key: Arc<str>,
+    /// The configured weight.
+    weight: u32,
+    /// Admin state `up` and the registry lets it take traffic.
+    up: bool,
+    backup: bool,
+}
+
+/// Servers whose current weights live inline in a worker's balancer record.
+const INLINE_RR: usize = 6;
+
+/// One worker's smooth-weighted-round-robin state for one upstream, on its own line.
+#[derive(Debug)]
+#[repr(align(64))]
+struct RrShard(Mutex<RrWeights>);
+
+#[derive(Debug)]
+enum RrWeights {
+    Inline([i64; INLINE_RR]),
+    Heap(Vec<i64>),
+}
+
+impl RrWeights {
+    fn new(weights: Vec<i64>) -> RrWeights {
+        if weights.len() <= INLINE_RR {
+            let mut inline = [0; INLINE_RR];
+            inline[..weights.len()].copy_from_slice(&weights);
+            RrWeights::Inline(inline)
+        } else {
+            RrWeights::Heap(weights)
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [i64] {
+        match self {
+            RrWeights::Inline(w) => w,
+            RrWeights::Heap(w) => w,
+        }
+    }
+}
+
+/// An upstream as the data plane uses it. The fields a request reads come first (in
+/// the line of the reference count), copied out of `spec` so a request does not read
+/// the larger spec record.
+#[derive(Debug)]
+#[repr(C)]
 pub struct UpstreamRuntime {
-    pub spec: Arc<Upstream>,
-    pub servers: Vec<ServerRuntime>,
-    /// Smooth weighted round robin: the current weight of each server, one vector per
+    candidates: Box<[Candidate]>,
+    /// Smooth weighted round robin: the current weight of each server, one record per
     /// worker (as nginx keeps one per worker process), so workers never share it.
-    rr_current: Box<[Mutex<Vec<i64>>]>,
+    rr_current: Box<[RrShard]>,
+    /// Raised by the servers' records when one may stop taking requests.
+    alarm: Arc<Alarm>,
+    pub balance: Balance,
+    /// `spec.hash_key` is set and `balance` is `consistent_hash`.
+    pub hashes: bool,
+    pub retries: u32,
+    pub keepalive: u32,
+    /// `spec.slow_start` in milliseconds.
+    slow_start_ms: u64,
+    pub servers: Vec<ServerRuntime>,
+    pub read_timeout: std::time::Duration,
+    pub spec: Arc<Upstream>,
     /// Rotates tie-breaks of `least_conn`.
     rotation: AtomicUsize,
     ring: Ring,
@@ -100,8 +184,20 @@ impl UpstreamRuntime {
     /// positions of the servers `previous` already had.
     pub fn build(spec: Arc<Upstream>, previous: Option<&UpstreamRuntime>) -> UpstreamRuntime {
         let shards = crate::stats::shard_count();
-        let prev_rr: Option<Vec<Vec<i64>>> =
-            previous.map(|p| p.rr_current.iter().map(|m| m.lock().clone()).collect());
+        let prev_rr: Option<Vec<Vec<i64>>> = previous.map(|p| {
+            p.rr_current
+                .iter()
+                .map(|m| {
+                    let mut w = m.0.lock();
+                    w.as_mut_slice()
+                        .iter()
+                        .take(p.servers.len())
+                        .copied()
+                        .collect()
+                })
+                .collect()
+        });
+        let alarm = previous.map(|p| p.alarm.clone()).unwrap_or_default();
         // Index of each previous server by address: large upstreams stay O(n).
         let prev_index: HashMap<&str, usize> = previous
             .map(|p| {
@@ -113,7 +209,7 @@ impl UpstreamRuntime {
             })
             .unwrap_or_default();
         let mut rr: Vec<Vec<i64>> = vec![Vec::with_capacity(spec.servers.len()); shards];
-        let servers = spec
+        let servers: Vec<ServerRuntime> = spec
             .servers
             .iter()
             .map(|s| {
@@ -133,7 +229,7 @@ impl UpstreamRuntime {
                         }
                         prev.stats.clone()
                     }
-                    None => Arc::new(ServerStats::new_now()),
+                    None => Arc::new(ServerStats::with_alarm(alarm.clone())),
                 };
                 for (k, shard) in rr.iter_mut().enumerate() {
                     shard.push(match (old, &prev_rr) {
@@ -155,7 +251,7 @@ impl UpstreamRuntime {
                 };
                 ServerRuntime {
                     spec: s.clone(),
-                    key: Arc::from(s.address.as_str()),
+                    key: pool_key(&s.address),
                     target,
                     stats,
                     local,
@@ -176,26 +272,66 @@ impl UpstreamRuntime {
         } else {
             Ring::None
         };
+        let candidates = servers
+            .iter()
+            .map(|s| Candidate {
+                stats: s.stats.clone(),
+                key: s.key.clone(),
+                weight: s.spec.weight,
+                up: s.spec.state == ServerState::Up && s.registry_ok,
+                backup: s.spec.backup,
+            })
+            .collect();
         UpstreamRuntime {
-            spec,
+            candidates,
+            rr_current: rr
+                .into_iter()
+                .map(|w| RrShard(Mutex::new(RrWeights::new(w))))
+                .collect(),
+            alarm,
+            balance: spec.balance,
+            hashes: spec.balance == Balance::ConsistentHash && spec.hash_key.is_some(),
+            retries: spec.retries,
+            keepalive: spec.keepalive,
+            slow_start_ms: spec.slow_start.as_millis().min(u64::MAX as u128) as u64,
+            read_timeout: spec.read_timeout,
             servers,
-            rr_current: rr.into_iter().map(Mutex::new).collect(),
+            spec,
             rotation: AtomicUsize::new(0),
             ring,
         }
     }
 
+    /// What a request needs of server `i` (stats record, pool key).
+    pub fn candidate(&self, i: usize) -> &Candidate {
+        &self.candidates[i]
+    }
+
     /// Takes new requests: admin state `up`, the registry's verdict (registry-fed), not
     /// unhealthy, not skipped, not ejected.
     pub fn available(&self, i: usize, now: u64) -> bool {
-        let s = &self.servers[i];
-        s.spec.state == ServerState::Up && s.registry_ok && s.stats.healthy(now)
+        self.candidates[i].up && self.servers[i].stats.healthy(now)
+    }
+
+    /// Whether every server's record says it takes requests, without reading them while
+    /// the upstream's alarm is quiet. Otherwise looks at each, and quiets the alarm when
+    /// all are fine again.
+    fn all_healthy(&self, now: u64) -> bool {
+        if self.alarm.quiet() {
+            return true;
+        }
+        let mark = self.alarm.mark();
+        if self.servers.iter().all(|s| s.stats.healthy(now)) {
+            self.alarm.clear(mark);
+            return true;
+        }
+        false
     }
 
     /// Weight after slow start, in hundredths so a ramp is smooth.
     fn effective_weight(&self, i: usize, now: u64) -> u64 {
-        let full = self.servers[i].spec.weight as u64 * 100;
-        let ramp = self.spec.slow_start.as_millis() as u64;
+        let full = self.candidates[i].weight as u64 * 100;
+        let ramp = self.slow_start_ms;
         if ramp == 0 {
             return full;
         }
@@ -220,8 +356,13 @@ impl UpstreamRuntime {
     /// Backup servers are used only when no primary is available.
     pub fn select(&self, pick: &Pick) -> Option<usize> {
         let now = mono_ms();
-        let usable = |i: usize| !pick.tried.contains(&i) && self.available(i, now);
-        if self.spec.balance == Balance::LocalFirst {
+        let healthy = self.all_healthy(now);
+        let usable = |i: usize| {
+            !pick.tried.contains(&i)
+                && self.candidates[i].up
+                && (healthy || self.servers[i].stats.healthy(now))
+        };
+        if self.balance == Balance::LocalFirst {
             let saturation = self.spec.local_saturation as u64;
             let local_ok = |i: usize| {
                 let s = &self.servers[i];
@@ -235,8 +376,8 @@ impl UpstreamRuntime {
                 .or_else(|| self.swrr(now, |i| self.servers[i].spec.backup && usable(i)));
         }
         for backup in [false, true] {
-            let ok = |i: usize| self.servers[i].spec.backup == backup && usable(i);
-            let found = match self.spec.balance {
+            let ok = |i: usize| self.candidates[i].backup == backup && usable(i);
+            let found = match self.balance {
                 Balance::RoundRobin | Balance::LocalFirst => self.swrr(now, ok),
                 Balance::LeastConn => self.least_conn(now, ok),
                 Balance::Random => self.weighted_random(now, ok),
@@ -254,11 +395,12 @@ impl UpstreamRuntime {
     }
 
     fn swrr(&self, now: u64, ok: impl Fn(usize) -> bool) -> Option<usize> {
-        let shard = crate::stats::current_shard() % self.rr_current.len();
-        let mut current = self.rr_current[shard].lock();
+        let shard = crate::stats::current_shard() % self.rr_current.len().max(1);
+        let mut weights = self.rr_current.get(shard)?.0.lock();
+        let current = weights.as_mut_slice();
         let mut total: i64 = 0;
         let mut best: Option<usize> = None;
-        for i in 0..self.servers.len() {
+        for i in 0..self.candidates.len().min(current.len()) {
             if !ok(i) {
                 continue;
             }
@@ -405,6 +547,57 @@ pub struct Snapshot {
     pub revision: u64,
     pub routes: Arc<RouteTable>,
     pub upstreams: imbl::HashMap<String, Arc<UpstreamRuntime>>,
+    /// The runtime of each upstream slot of `routes` (`None`: no such upstream), so a
+    /// request goes from its route to its upstream by index. Kept in step with
+    /// `upstreams` by `new` and `upstream_changed`.
+    resolved: Vec<Option<Arc<UpstreamRuntime>>>,
+}
+
+impl Snapshot {
+    pub fn new(
+        revision: u64,
+        routes: Arc<RouteTable>,
+        upstreams: imbl::HashMap<String, Arc<UpstreamRuntime>>,
+    ) -> Snapshot {
+        let resolved = routes
+            .upstream_names()
+            .iter()
+            .map(|name| upstreams.get(&**name).cloned())
+            .collect();
+        Snapshot {
+            revision,
+            routes,
+            upstreams,
+            resolved,
+        }
+    }
+
+    /// The snapshot with upstream `name` replaced (`None`: removed).
+    pub fn set_upstream(&mut self, name: &str, runtime: Option<Arc<UpstreamRuntime>>) {
+        if let Some(slot) = self.routes.upstream_slot(name) {
+            if let Some(r) = self.resolved.get_mut(slot as usize) {
+                *r = runtime.clone();
+            }
+        }
+        match runtime {
+            Some(rt) => {
+                self.upstreams.insert(name.to_string(), rt);
+            }
+            None => {
+                self.upstreams.remove(name);
+            }
+        }
+    }
+
+    /// The snapshot with another route table, its upstreams resolved again.
+    pub fn set_routes(&mut self, routes: Arc<RouteTable>) {
+        *self = Snapshot::new(self.revision, routes, std::mem::take(&mut self.upstreams));
+    }
+
+    /// The upstream a route leads to, if it exists.
+    pub fn upstream_for(&self, route: &RouteEntry) -> Option<&Arc<UpstreamRuntime>> {
+        self.resolved.get(route.upstream_slot as usize)?.as_ref()
+    }
 }
 
 #[cfg(test)]
@@ -448,6 +641,89 @@ mod tests {
     }
 
     #[test]
+    fn unhealthy_server_is_skipped_at_once_and_back_after_recovery() {
+        let up = upstream(Balance::RoundRobin, &[1, 1, 1]);
+        assert_eq!(spread(&up, 30), vec![10, 10, 10]);
+        up.servers[1].stats.set_health(Health::Unhealthy);
+        assert_eq!(spread(&up, 30), vec![15, 0, 15]);
+        up.servers[1].stats.set_health(Health::Healthy);
+        let c = spread(&up, 30);
+        assert!(c.iter().all(|n| (9..=11).contains(n)), "{c:?}");
+        // Passive health (max_fails) and ejection too.
+        up.servers[2].stats.record_failure(1, 60_000);
+        assert_eq!(spread(&up, 30)[2], 0);
+        up.servers[0].stats.eject(60_000, 60_000);
+        assert_eq!(spread(&up, 10), vec![0, 10, 0]);
+        // A rebuilt runtime keeps the records and their alarm.
+        let again = UpstreamRuntime::build(up.spec.clone(), Some(&up));
+        assert_eq!(spread(&again, 10), vec![0, 10, 0]);
+    }
+
+    #[test]
+    fn snapshot_resolves_routes_to_the_current_upstreams() {
+        use crate::routing::RouteTable;
+        use dynagate_model::Route;
+        let routes: Vec<Arc<Route>> = vec![
+            Arc::new(Route::new("r1", &["one.example"], "/", "u1")),
+            Arc::new(Route::new("r2", &["two.example"], "/", "u2")),
+            Arc::new(Route::new("r3", &["three.example"], "/", "u1")),
+        ];
+        let build = |name: &str, port: u16| {
+            let spec = Upstream::new(name, vec![Server::new(format!("127.0.0.1:{port}"))]);
+            Arc::new(UpstreamRuntime::build(Arc::new(spec), None))
+        };
+        let mut upstreams = imbl::HashMap::new();
+        upstreams.insert("u1".to_string(), build("u1", 1));
+        let table = Arc::new(RouteTable::build(routes.iter()));
+        let mut snap = Snapshot::new(1, table, upstreams);
+        let target = |snap: &Snapshot, host: &str| {
+            let route = snap.routes.find(host, "/", "GET")?;
+            snap.upstream_for(route)
+                .map(|u| u.servers[0].spec.address.clone())
+        };
+        assert_eq!(target(&snap, "one.example").as_deref(), Some("127.0.0.1:1"));
+        assert_eq!(
+            target(&snap, "three.example").as_deref(),
+            Some("127.0.0.1:1")
+        );
+        assert_eq!(target(&snap, "two.example"), None, "u2 does not exist yet");
+        // An upstream appears, another changes: routes follow without a table rebuild.
+        let old = snap.clone();
+        snap.set_upstream("u2", Some(build("u2", 2)));
+        snap.set_upstream("u1", Some(build("u1", 11)));
+        assert_eq!(target(&snap, "two.example").as_deref(), Some("127.0.0.1:2"));
+        assert_eq!(
+            target(&snap, "one.example").as_deref(),
+            Some("127.0.0.1:11")
+        );
+        assert_eq!(
+            target(&snap, "three.example").as_deref(),
+            Some("127.0.0.1:11")
+        );
+        // The earlier snapshot is untouched.
+        assert_eq!(target(&old, "one.example").as_deref(), Some("127.0.0.1:1"));
+        // An upstream no route uses only changes the map.
+        snap.set_upstream("u9", Some(build("u9", 9)));
+        assert!(snap.upstreams.contains_key("u9"));
+        // Removed: its routes have no upstream.
+        snap.set_upstream("u2", None);
+        assert_eq!(target(&snap, "two.example"), None);
+        // A new route table resolves against the current upstreams.
+        let mut routes = routes;
+        routes.push(Arc::new(Route::new("r9", &["nine.example"], "/", "u9")));
+        snap.set_routes(Arc::new(RouteTable::build(routes.iter())));
+        assert_eq!(
+            target(&snap, "nine.example").as_deref(),
+            Some("127.0.0.1:9")
+        );
+        assert_eq!(
+            target(&snap, "one.example").as_deref(),
+            Some("127.0.0.1:11")
+        );
+        assert_eq!(target(&snap, "two.example"), None);
+    }
+
+    #[test]
     fn weighted_random_follows_weights() {
         let c = spread(&upstream(Balance::Random, &[3, 1]), 20_000);
         let share = c[0] as f64 / 20_000.0;
@@ -466,9 +742,11 @@ mod tests {
     #[test]
     fn p2c_ewma_avoids_the_slow_server() {
         let up = upstream(Balance::P2cEwma, &[1, 1]);
-        let route: Arc<str> = Arc::from("r");
-        up.servers[0].stats.record_response(&route, 200, 200_000);
-        up.servers[1].stats.record_response(&route, 200, 1_000);
+        let route = crate::stats::route_number("r");
+        up.servers[0]
+            .stats
+            .record_response(route, 200, 200_000, true);
+        up.servers[1].stats.record_response(route, 200, 1_000, true);
         let c = spread(&up, 1000);
         assert!(c[1] > 950, "{c:?}");
     }

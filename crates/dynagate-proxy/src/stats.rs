@@ -38,78 +38,179 @@ pub fn current_shard() -> usize {
     SHARD.with(|s| s.get())
 }
 
-/// One worker's share of a server's per-request counters, on its own cache lines.
+/// One worker's share of a server's per-request counters, in one record of its own
+/// (two cache-line pairs): what a request writes at its start (in-flight, requests) and
+/// its end (status class of its route, latency) sits together, and no other worker
+/// writes these lines.
 #[derive(Debug, Default)]
-#[repr(align(128))]
+#[repr(C, align(128))]
 pub struct Shard {
     in_flight: AtomicI64,
     requests: AtomicU64,
-    latency_buckets: [AtomicU64; LATENCY_BOUNDS_MS.len() + 1],
     latency_sum_us: AtomicU64,
     /// Responses by route and status class.
     by_route: Mutex<RouteCounters>,
+    latency_buckets: [AtomicU64; LATENCY_BOUNDS_MS.len() + 1],
 }
 
-/// Status-class counters by route. Found by the address of the route table's shared id
-/// string (one hash of a pointer per response, however many routes point here); a
-/// route table rebuilt later hands out new ids, which find their row by name once.
-#[derive(Debug, Default)]
+/// A route's number: stable for its id for the life of the process (see `route_number`).
+pub type RouteNo = u32;
+
+const NO_ROUTE: RouteNo = RouteNo::MAX;
+
+/// Route ids by number. A route table gives each entry the number of its id when it is
+/// built, so counters keyed by number follow a route across rebuilds without a string
+/// compare on the request path. Ids are never forgotten (a few dozen bytes each).
+struct RouteNames {
+    by_name: std::collections::HashMap<Arc<str>, RouteNo>,
+    names: Vec<Arc<str>>,
+}
+
+static ROUTE_NAMES: parking_lot::RwLock<Option<RouteNames>> = parking_lot::RwLock::new(None);
+
+/// The number of route id `id` (the same number every time).
+pub fn route_number(id: &str) -> RouteNo {
+    if let Some(no) = ROUTE_NAMES
+        .read()
+        .as_ref()
+        .and_then(|n| n.by_name.get(id).copied())
+    {
+        return no;
+    }
+    let mut guard = ROUTE_NAMES.write();
+    let names = guard.get_or_insert_with(|| RouteNames {
+        by_name: Default::default(),
+        names: Vec::new(),
+    });
+    if let Some(no) = names.by_name.get(id) {
+        return *no;
+    }
+    // NO_ROUTE stays free: 4 billion distinct ids are not reached.
+    let no = names.names.len().min(NO_ROUTE as usize - 1) as RouteNo;
+    let name: Arc<str> = Arc::from(id);
+    names.names.push(name.clone());
+    names.by_name.insert(name, no);
+    no
+}
+
+/// The id of route number `no` ("" if no route has it).
+pub fn route_name(no: RouteNo) -> Arc<str> {
+    ROUTE_NAMES
+        .read()
+        .as_ref()
+        .and_then(|n| n.names.get(no as usize).cloned())
+        .unwrap_or_else(|| Arc::from(""))
+}
+
+/// Status-class counters by route number. The first route seen (for most servers the
+/// only one) is kept inline; more go to an open-addressing table with the counts in the
+/// slot, so a response costs one probe of one line, however many routes share the server.
+#[derive(Debug)]
 struct RouteCounters {
-    rows: Vec<(Arc<str>, ClassCounts)>,
-    /// Holds the id it is keyed by, so the address cannot be reused by another string.
-    by_ptr: std::collections::HashMap<usize, (Arc<str>, usize), PtrHash>,
+    first: RouteNo,
+    first_counts: ClassCounts,
+    /// Power-of-two slots (or none), at most half full; `NO_ROUTE` marks a free slot.
+    table: Vec<(RouteNo, ClassCounts)>,
+    len: usize,
 }
 
-/// Pointers are already well spread: a multiply-shift hash is enough.
-#[derive(Debug, Default, Clone, Copy)]
-struct PtrHash;
-
-impl std::hash::BuildHasher for PtrHash {
-    type Hasher = PtrHasher;
-    fn build_hasher(&self) -> PtrHasher {
-        PtrHasher(0)
-    }
-}
-
-#[derive(Debug, Default)]
-struct PtrHasher(u64);
-
-impl std::hash::Hasher for PtrHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ *b as u64).wrapping_mul(0x100000001b3);
+impl Default for RouteCounters {
+    fn default() -> Self {
+        RouteCounters {
+            first: NO_ROUTE,
+            first_counts: [0; 5],
+            table: Vec::new(),
+            len: 0,
         }
     }
-    fn write_usize(&mut self, n: usize) {
-        self.0 = (n as u64).wrapping_mul(0x9e3779b97f4a7c15);
-    }
+}
+
+fn route_slot(no: RouteNo, mask: usize) -> usize {
+    ((no as u64).wrapping_mul(0x9e3779b97f4a7c15) >> 32) as usize & mask
 }
 
 impl RouteCounters {
-    fn row(&mut self, route: &Arc<str>) -> &mut ClassCounts {
-        let key = Arc::as_ptr(route) as *const u8 as usize;
-        let index = match self.by_ptr.get(&key) {
-            Some((_, i)) => *i,
-            None => {
-                // Ids of route tables long replaced: forget them (they re-resolve by name).
-                if self.by_ptr.len() > 4 * self.rows.len() + 16 {
-                    self.by_ptr.clear();
-                }
-                let i = match self.rows.iter().position(|(r, _)| **r == **route) {
-                    Some(i) => i,
-                    None => {
-                        self.rows.push((route.clone(), [0; 5]));
-                        self.rows.len() - 1
-                    }
-                };
-                self.by_ptr.insert(key, (route.clone(), i));
-                i
+    fn row(&mut self, no: RouteNo) -> &mut ClassCounts {
+        if self.first == no {
+            return &mut self.first_counts;
+        }
+        if self.first == NO_ROUTE {
+            self.first = no;
+            return &mut self.first_counts;
+        }
+        if (self.len + 1) * 2 > self.table.len() {
+            self.grow();
+        }
+        let mask = self.table.len() - 1;
+        let mut i = route_slot(no, mask);
+        loop {
+            if self.table[i].0 == no {
+                break;
             }
-        };
-        &mut self.rows[index].1
+            if self.table[i].0 == NO_ROUTE {
+                self.table[i].0 = no;
+                self.len += 1;
+                break;
+            }
+            i = (i + 1) & mask;
+        }
+        &mut self.table[i].1
+    }
+
+    fn grow(&mut self) {
+        let size = (self.table.len() * 2).max(8);
+        let old = std::mem::replace(&mut self.table, vec![(NO_ROUTE, [0; 5]); size]);
+        let mask = size - 1;
+        for (no, counts) in old.into_iter().filter(|(no, _)| *no != NO_ROUTE) {
+            let mut i = route_slot(no, mask);
+            while self.table[i].0 != NO_ROUTE {
+                i = (i + 1) & mask;
+            }
+            self.table[i] = (no, counts);
+        }
+    }
+
+    fn rows(&self) -> impl Iterator<Item = (RouteNo, &ClassCounts)> {
+        let first = (self.first != NO_ROUTE).then_some((self.first, &self.first_counts));
+        first.into_iter().chain(
+            self.table
+                .iter()
+                .filter(|(no, _)| *no != NO_ROUTE)
+                .map(|(no, c)| (*no, c)),
+        )
+    }
+}
+
+/// Raised whenever a server of an upstream may have stopped taking requests (active
+/// health turned unhealthy, passive health skips it, outlier ejection), and cleared by
+/// a balancer that then looked at every server and found them all taking requests.
+/// While it is quiet, the balancer does not read each server's record to learn that
+/// they are all available: one shared line per upstream instead of one per server.
+#[derive(Debug, Default)]
+pub struct Alarm {
+    raised: AtomicU64,
+    cleared: AtomicU64,
+}
+
+impl Alarm {
+    pub fn raise(&self) {
+        self.raised.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Nothing raised since the last all-clear.
+    pub fn quiet(&self) -> bool {
+        self.cleared.load(Ordering::Acquire) == self.raised.load(Ordering::Acquire)
+    }
+
+    /// Read before looking at the servers; pass to `clear` if they were all fine.
+    pub fn mark(&self) -> u64 {
+        self.raised.load(Ordering::Acquire)
+    }
+
+    /// Every server looked fine after `mark` was read: anything raised since keeps the
+    /// alarm on.
+    pub fn clear(&self, mark: u64) {
+        self.cleared.fetch_max(mark, Ordering::AcqRel);
     }
 }
 
@@ -162,22 +263,35 @@ pub struct CheckResult {
 /// Responses by status class (1xx..5xx), for one route.
 pub type ClassCounts = [u64; 5];
 
+/// Per-worker shards kept inline in the record (shard 0 and two workers); more workers
+/// use `more_shards`.
+const INLINE_SHARDS: usize = 3;
+
 #[derive(Debug)]
+#[repr(C)]
 pub struct ServerStats {
+    // What every response reads or writes comes first, then the shard slots.
+    /// Peak-EWMA of response-head latency in microseconds (f64 bits), and its time.
+    ewma_us: AtomicU64,
+    ewma_at_ms: AtomicU64,
+    // Passive health, nginx style: max_fails within fail_timeout skip the server.
+    window_fails: AtomicU32,
+    // Outlier detection.
+    consecutive_failures: AtomicU32,
     /// Per-worker counters, each allocated when its worker first serves this server.
-    shards: Box<[OnceLock<Box<Shard>>]>,
+    shards: [OnceLock<Box<Shard>>; INLINE_SHARDS],
+    more_shards: Box<[OnceLock<Box<Shard>>]>,
+    /// Shared by the servers of one upstream (see `Alarm`).
+    alarm: Arc<Alarm>,
+
     /// Failed attempts: connect errors, timeouts, broken responses.
     pub failures: AtomicU64,
     /// Wall-clock time of the last change of admin state, health or ejection.
     pub last_state_change_ms: AtomicU64,
 
-    // Passive health, nginx style: max_fails within fail_timeout skip the server.
-    window_fails: AtomicU32,
     window_start_ms: AtomicU64,
     skip_until_ms: AtomicU64,
 
-    // Outlier detection.
-    consecutive_failures: AtomicU32,
     ejected_until_ms: AtomicU64,
     pub ejections: AtomicU64,
     last_ejection_ms: AtomicU64,
@@ -191,32 +305,11 @@ pub struct ServerStats {
 
     /// Monotonic time since which the server is available (slow start ramps from it).
     pub available_since_ms: AtomicU64,
-
-    /// Peak-EWMA of response-head latency in microseconds (f64 bits), and its time.
-    ewma_us: AtomicU64,
-    ewma_at_ms: AtomicU64,
 }
 
 impl Default for ServerStats {
     fn default() -> Self {
-        ServerStats {
-            shards: (0..shard_count()).map(|_| OnceLock::new()).collect(),
-            failures: AtomicU64::new(0),
-            last_state_change_ms: AtomicU64::new(unix_ms()),
-            window_fails: AtomicU32::new(0),
-            window_start_ms: AtomicU64::new(0),
-            skip_until_ms: AtomicU64::new(0),
-            consecutive_failures: AtomicU32::new(0),
-            ejected_until_ms: AtomicU64::new(0),
-            ejections: AtomicU64::new(0),
-            last_ejection_ms: AtomicU64::new(0),
-            health: AtomicU8::new(Health::Unchecked as u8),
-            last_check: Mutex::new(None),
-            last_check_ms: AtomicU64::new(0),
-            available_since_ms: AtomicU64::new(mono_ms()),
-            ewma_us: AtomicU64::new(DEFAULT_EWMA_US.to_bits()),
-            ewma_at_ms: AtomicU64::new(0),
-        }
+        ServerStats::with_alarm(Arc::default())
     }
 }
 
@@ -230,12 +323,50 @@ impl ServerStats {
         ServerStats::default()
     }
 
+    /// A record whose blocking events raise `alarm` (one per upstream).
+    pub fn with_alarm(alarm: Arc<Alarm>) -> Self {
+        let more = shard_count().saturating_sub(INLINE_SHARDS);
+        ServerStats {
+            ewma_us: AtomicU64::new(DEFAULT_EWMA_US.to_bits()),
+            ewma_at_ms: AtomicU64::new(0),
+            window_fails: AtomicU32::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            shards: Default::default(),
+            more_shards: (0..more).map(|_| OnceLock::new()).collect(),
+            alarm,
+            failures: AtomicU64::new(0),
+            last_state_change_ms: AtomicU64::new(unix_ms()),
+            window_start_ms: AtomicU64::new(0),
+            skip_until_ms: AtomicU64::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
+            last_ejection_ms: AtomicU64::new(0),
+            health: AtomicU8::new(Health::Unchecked as u8),
+            last_check: Mutex::new(None),
+            last_check_ms: AtomicU64::new(0),
+            available_since_ms: AtomicU64::new(mono_ms()),
+        }
+    }
+
+    /// The alarm this record raises.
+    pub fn alarm(&self) -> &Arc<Alarm> {
+        &self.alarm
+    }
+
     fn shard_at(&self, i: usize) -> &Shard {
-        self.shards[i % self.shards.len()].get_or_init(Box::default)
+        let slot = match self.shards.get(i) {
+            Some(slot) => slot,
+            None if self.more_shards.is_empty() => &self.shards[i % INLINE_SHARDS],
+            None => &self.more_shards[(i - INLINE_SHARDS) % self.more_shards.len()],
+        };
+        slot.get_or_init(Box::default)
     }
 
     fn shards(&self) -> impl Iterator<Item = &Shard> {
-        self.shards.iter().filter_map(|s| s.get().map(|b| &**b))
+        self.shards
+            .iter()
+            .chain(self.more_shards.iter())
+            .filter_map(|s| s.get().map(|b| &**b))
     }
 
     /// Requests being served now.
@@ -272,20 +403,19 @@ impl ServerStats {
 
     /// Responses by route and status class, added up over the workers.
     pub fn by_route(&self) -> Vec<(Arc<str>, ClassCounts)> {
-        let mut out: Vec<(Arc<str>, ClassCounts)> = Vec::new();
+        let mut totals: std::collections::BTreeMap<RouteNo, ClassCounts> = Default::default();
         for s in self.shards() {
-            for (route, counts) in s.by_route.lock().rows.iter() {
-                match out.iter_mut().find(|(r, _)| r == route) {
-                    Some((_, total)) => {
-                        for (t, c) in total.iter_mut().zip(counts) {
-                            *t += c;
-                        }
-                    }
-                    None => out.push((route.clone(), *counts)),
+            for (route, counts) in s.by_route.lock().rows() {
+                let total = totals.entry(route).or_default();
+                for (t, c) in total.iter_mut().zip(counts) {
+                    *t += c;
                 }
             }
         }
-        out
+        totals
+            .into_iter()
+            .map(|(no, counts)| (route_name(no), counts))
+            .collect()
     }
 
     fn mark_changed(&self) {
@@ -304,6 +434,9 @@ impl ServerStats {
     /// Sets the active-health verdict; a server coming back starts its slow start.
     pub fn set_health(&self, h: Health) {
         let old = self.health.swap(h as u8, Ordering::Relaxed);
+        if h == Health::Unhealthy && old != h as u8 {
+            self.alarm.raise();
+        }
         if old != h as u8 {
             if old == Health::Unhealthy as u8 {
                 self.available_since_ms.store(mono_ms(), Ordering::Relaxed);
@@ -367,6 +500,7 @@ impl ServerStats {
                 .store(now + fail_timeout_ms, Ordering::Relaxed);
             self.available_since_ms
                 .store(now + fail_timeout_ms, Ordering::Relaxed);
+            self.alarm.raise();
             self.mark_changed();
         }
     }
@@ -401,11 +535,14 @@ impl ServerStats {
         self.consecutive_failures.store(0, Ordering::Relaxed);
         self.ejected_until_ms.store(now + time, Ordering::Relaxed);
         self.available_since_ms.store(now + time, Ordering::Relaxed);
+        self.alarm.raise();
         self.mark_changed();
     }
 
-    /// Records one response: latency, status class by route, EWMA.
-    pub fn record_response(&self, route: &Arc<str>, status: u16, elapsed_us: u64) {
+    /// Records one response: latency, status class by route, and the EWMA when `ewma`
+    /// (only `p2c_ewma` reads it: other upstreams skip its clock read and shared write;
+    /// an upstream switched to it starts from the first response's latency).
+    pub fn record_response(&self, route: RouteNo, status: u16, elapsed_us: u64, ewma: bool) {
         let class = ((status / 100).clamp(1, 5) - 1) as usize;
         let shard = self.shard_at(current_shard());
         shard.by_route.lock().row(route)[class] += 1;
@@ -418,7 +555,9 @@ impl ServerStats {
         shard
             .latency_sum_us
             .fetch_add(elapsed_us, Ordering::Relaxed);
-        self.observe_latency(elapsed_us as f64);
+        if ewma {
+            self.observe_latency(elapsed_us as f64);
+        }
     }
 
     /// Responses by status class over all routes.
@@ -520,29 +659,105 @@ mod tests {
     }
 
     #[test]
-    fn route_counters_follow_ids_across_route_table_rebuilds() {
+    fn route_numbers_are_stable_per_id() {
+        let a = route_number("stats-test-a");
+        let b = route_number("stats-test-b");
+        assert_ne!(a, b);
+        assert_eq!(route_number("stats-test-a"), a);
+        assert_eq!(&*route_name(a), "stats-test-a");
+        assert_eq!(&*route_name(NO_ROUTE), "");
+    }
+
+    #[test]
+    fn route_counters_inline_row_and_table() {
         let s = ServerStats::default();
-        let first: Arc<str> = Arc::from("r1");
-        let other: Arc<str> = Arc::from("r2");
-        s.record_response(&first, 200, 10);
-        s.record_response(&other, 503, 10);
-        // A rebuilt route table hands out a new id string for the same route.
-        let again: Arc<str> = Arc::from("r1");
-        s.record_response(&again, 404, 10);
+        let first = route_number("stats-rc-first");
+        let other = route_number("stats-rc-other");
+        s.record_response(first, 200, 10, true);
+        s.record_response(other, 503, 10, true);
+        s.record_response(first, 404, 10, true);
         let rows = s.by_route();
         assert_eq!(rows.len(), 2);
-        let r1 = rows.iter().find(|(r, _)| &**r == "r1").unwrap().1;
-        assert_eq!(r1, [0, 1, 0, 1, 0]);
+        let row = |name: &str| rows.iter().find(|(r, _)| &**r == name).unwrap().1;
+        assert_eq!(row("stats-rc-first"), [0, 1, 0, 1, 0]);
+        assert_eq!(row("stats-rc-other"), [0, 0, 0, 0, 1]);
         assert_eq!(s.class_totals(), [0, 1, 0, 1, 1]);
-        // Many rebuilds never grow the pointer index without bound.
-        for _ in 0..1000 {
-            let id: Arc<str> = Arc::from("r1");
-            s.record_response(&id, 200, 10);
+        // Many routes on one server: the table grows and keeps every row.
+        let many: Vec<RouteNo> = (0..1000)
+            .map(|i| route_number(&format!("stats-rc-many-{i}")))
+            .collect();
+        for (k, no) in many.iter().enumerate() {
+            for _ in 0..=(k % 3) {
+                s.record_response(*no, 200, 10, true);
+            }
+        }
+        let rows = s.by_route();
+        assert_eq!(rows.len(), 1002);
+        for (k, no) in many.iter().enumerate() {
+            let name = route_name(*no);
+            let counts = rows.iter().find(|(r, _)| *r == name).unwrap().1;
+            assert_eq!(counts, [0, (k % 3) as u64 + 1, 0, 0, 0], "{name}");
         }
         assert_eq!(
-            s.by_route().iter().find(|(r, _)| &**r == "r1").unwrap().1[1],
-            1001
+            s.class_totals()[1],
+            1 + many
+                .iter()
+                .enumerate()
+                .map(|(k, _)| (k % 3) as u64 + 1)
+                .sum::<u64>()
         );
+    }
+
+    #[test]
+    fn shards_add_up_across_workers() {
+        let s = Arc::new(ServerStats::default());
+        let route = route_number("stats-shards");
+        // More threads than inline shard slots: every shard index lands somewhere.
+        let threads: Vec<_> = (0..6)
+            .map(|w| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    set_worker_shard(w);
+                    for i in 0..1000u64 {
+                        let _f = InFlight::start(&s);
+                        s.record_response(route, if i % 10 == 0 { 500 } else { 200 }, 500, true);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(s.requests(), 6000);
+        assert_eq!(s.in_flight(), 0);
+        assert_eq!(s.latency_counts()[0], 6000);
+        assert_eq!(s.latency_sum_us(), 6000 * 500);
+        let rows = s.by_route();
+        assert_eq!(rows, vec![(route_name(route), [0, 5400, 0, 0, 600])]);
+    }
+
+    #[test]
+    fn alarm_is_raised_by_blocking_events_and_cleared_by_a_full_look() {
+        let alarm: Arc<Alarm> = Arc::default();
+        let s = ServerStats::with_alarm(alarm.clone());
+        assert!(alarm.quiet());
+        s.set_health(Health::Healthy);
+        assert!(alarm.quiet(), "turning healthy raises nothing");
+        s.set_health(Health::Unhealthy);
+        assert!(!alarm.quiet());
+        let mark = alarm.mark();
+        s.set_health(Health::Healthy);
+        alarm.clear(mark);
+        assert!(alarm.quiet());
+        // An event after the mark keeps the alarm on.
+        let mark = alarm.mark();
+        s.record_failure(1, 10_000);
+        alarm.clear(mark);
+        assert!(!alarm.quiet());
+        let mark = alarm.mark();
+        alarm.clear(mark);
+        s.eject(1000, 2000);
+        assert!(!alarm.quiet());
     }
 
     #[test]

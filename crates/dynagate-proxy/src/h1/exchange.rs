@@ -30,7 +30,8 @@ use crate::proxy::{
     hash_key_with, is_idempotent, unanswered, Failure, Tried, MAX_STALE_CONNECTIONS,
 };
 use crate::routing::normalize_host;
-use crate::runtime::{InFlight, Pick, ServerRuntime, UpstreamRuntime};
+use crate::runtime::{Candidate, InFlight, Pick, UpstreamRuntime};
+use crate::stats::RouteNo;
 use dynagate_model::Balance;
 use std::io::Write as _;
 use std::sync::atomic::Ordering;
@@ -59,7 +60,8 @@ struct Info {
 struct Ctx<'a> {
     shared: &'a Shared,
     start: Instant,
-    route: Arc<str>,
+    /// The route's number (for its counters), once routed.
+    route: RouteNo,
     log: Option<Entry>,
     info: Info,
 }
@@ -78,7 +80,7 @@ pub async fn proxy(conn: &mut ClientConn, shared: &Shared, head: RequestHead) ->
     let mut ctx = Ctx {
         shared,
         start: Instant::now(),
-        route: crate::proxy::empty_route(),
+        route: RouteNo::MAX,
         log: worker
             .access_log
             .as_ref()
@@ -114,8 +116,8 @@ pub async fn proxy(conn: &mut ClientConn, shared: &Shared, head: RequestHead) ->
         let close = info.body != BodyKind::Empty;
         return simple(conn, &mut ctx, 404, &msg, close).await;
     };
-    ctx.route = route.id.clone();
-    let Some(upstream) = snapshot.upstreams.get(&*route.upstream).cloned() else {
+    ctx.route = route.no;
+    let Some(upstream) = snapshot.upstream_for(route).cloned() else {
         let msg = format!("dynagate: upstream {:?} does not exist", route.upstream);
         let close = info.body != BodyKind::Empty;
         return simple(conn, &mut ctx, 503, &msg, close).await;
@@ -124,8 +126,10 @@ pub async fn proxy(conn: &mut ClientConn, shared: &Shared, head: RequestHead) ->
         entry.route = Some(route.id.clone());
         entry.upstream = Some(route.upstream.clone());
     }
-    let hash = match &upstream.spec.hash_key {
-        Some(key) if upstream.spec.balance == Balance::ConsistentHash => {
+    // `hashes` first: only consistent-hash upstreams read their spec here.
+    let hash_key = upstream.hashes.then_some(&upstream.spec.hash_key);
+    let hash = match hash_key {
+        Some(Some(key)) => {
             let (target, _) = head.origin_form(buf);
             hash_key_with(
                 key,
@@ -331,10 +335,10 @@ async fn send(
     };
     // Sent again after a failure only where a retry can happen and it is safe.
     let replayable = info.idempotent && buffered;
-    let may_resend = replayable && spec.retries > 0 && upstream.servers.len() > 1;
+    let may_resend = replayable && upstream.retries > 0 && upstream.servers.len() > 1;
     let mut tried = Tried::default();
     let mut stale = 0;
-    let max_attempts = (spec.retries as usize + 1).min(crate::proxy::MAX_ATTEMPTS);
+    let max_attempts = (upstream.retries as usize + 1).min(crate::proxy::MAX_ATTEMPTS);
     let mut last_failure: Option<(usize, Failure)> = None;
 
     while tried.len() < max_attempts {
@@ -345,7 +349,7 @@ async fn send(
         }) else {
             break;
         };
-        let server = &upstream.servers[index];
+        let server = upstream.candidate(index);
         if tried.len() > 0 {
             worker.counters.retries.fetch_add(1, Ordering::Relaxed);
         }
@@ -357,25 +361,27 @@ async fn send(
         let in_flight = InFlight::start(&server.stats);
         let (up, reused) = match worker.h1_pool.take(&server.key) {
             Some(c) => (c, true),
-            None => match connect_tcp(&server.target, spec.connect_timeout).await {
-                Ok(stream) => (
-                    UpConn {
-                        stream,
-                        buf: Vec::new(),
-                    },
-                    false,
-                ),
-                Err(e) => {
-                    // Nothing was sent: any method may go to the next server.
-                    upstream.record_failure(index);
-                    tried.push(index);
-                    last_failure = Some((index, Failure::Connect(e.to_string())));
-                    continue;
+            None => {
+                match connect_tcp(&upstream.servers[index].target, spec.connect_timeout).await {
+                    Ok(stream) => (
+                        UpConn {
+                            stream,
+                            buf: Vec::new(),
+                        },
+                        false,
+                    ),
+                    Err(e) => {
+                        // Nothing was sent: any method may go to the next server.
+                        upstream.record_failure(index);
+                        tried.push(index);
+                        last_failure = Some((index, Failure::Connect(e.to_string())));
+                        continue;
+                    }
                 }
-            },
+            }
         };
         let attempt = if buffered {
-            send_buffered(conn, ctx, up, &up_head, reused, spec.read_timeout).await
+            send_buffered(conn, ctx, up, &up_head, reused, upstream.read_timeout).await
         } else {
             // Boxed: the usual request does not carry this larger state.
             Box::pin(send_streaming(
@@ -384,7 +390,7 @@ async fn send(
                 up,
                 &up_head,
                 reused,
-                spec.read_timeout,
+                upstream.read_timeout,
             ))
             .await
         };
@@ -392,9 +398,12 @@ async fn send(
             Attempt::Sent(sent) => {
                 let elapsed = sent_at.elapsed();
                 let status = sent.head.status;
-                server
-                    .stats
-                    .record_response(&ctx.route, status, elapsed.as_micros() as u64);
+                server.stats.record_response(
+                    ctx.route,
+                    status,
+                    elapsed.as_micros() as u64,
+                    upstream.balance == Balance::P2cEwma,
+                );
                 if status >= 500 {
                     upstream.record_outlier_failure(index);
                 } else {
@@ -558,7 +567,7 @@ async fn respond(
     conn: &mut ClientConn,
     ctx: &mut Ctx<'_>,
     upstream: &UpstreamRuntime,
-    server: &ServerRuntime,
+    server: &Candidate,
     sent: Sent,
     in_flight: InFlight,
     upstream_time: Duration,
@@ -602,7 +611,7 @@ async fn respond(
         out,
         kind,
         framing,
-        upstream.spec.read_timeout,
+        upstream.read_timeout,
     )
     .await;
     let (sent_bytes, next) = match result {
@@ -617,17 +626,16 @@ async fn respond(
                 } else {
                     up.buf.clear();
                 }
-                ctx.shared.worker.h1_pool.checkin(
-                    &server.key,
-                    up,
-                    upstream.spec.keepalive as usize,
-                );
+                ctx.shared
+                    .worker
+                    .h1_pool
+                    .checkin(&server.key, up, upstream.keepalive as usize);
             }
             (n, if close { Next::Close } else { Next::KeepAlive })
         }
         Err(PumpError::Read(e)) => {
             server.stats.failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(upstream = %upstream.spec.name, server = %server.spec.address, error = %e, "upstream body failed");
+            tracing::warn!(upstream = %upstream.spec.name, server = %server.key, error = %e, "upstream body failed");
             (0, Next::Close)
         }
         Err(PumpError::Write(_)) => (0, Next::Close),
@@ -641,7 +649,7 @@ async fn respond(
 
 fn pending_log(
     ctx: &mut Ctx<'_>,
-    server: &ServerRuntime,
+    server: &Candidate,
     status: u16,
     upstream_time: Duration,
 ) -> Option<Box<PendingLog>> {
@@ -676,10 +684,11 @@ async fn upgrade(
         }) else {
             break;
         };
-        let server = &upstream.servers[index];
+        let server = upstream.candidate(index);
         let sent_at = Instant::now();
         let in_flight = InFlight::start(&server.stats);
-        let stream = match connect_tcp(&server.target, spec.connect_timeout).await {
+        let stream = match connect_tcp(&upstream.servers[index].target, spec.connect_timeout).await
+        {
             Ok(s) => s,
             Err(e) => {
                 upstream.record_failure(index);
@@ -720,9 +729,12 @@ async fn upgrade(
             }
         };
         let elapsed = sent_at.elapsed();
-        server
-            .stats
-            .record_response(&ctx.route, head.status, elapsed.as_micros() as u64);
+        server.stats.record_response(
+            ctx.route,
+            head.status,
+            elapsed.as_micros() as u64,
+            upstream.balance == Balance::P2cEwma,
+        );
         server.stats.record_success();
         if head.status != 101 {
             // No switch: an ordinary response, and the client connection stays HTTP.
