@@ -4,7 +4,8 @@
 //! answer is rendered once per registry index and read (path and shaping parameters:
 //! [`crate::api`]'s cache key) and kept as a [`Prepared`] answer, whose wire bytes (status
 //! line, headers, body) are built once per HTTP variant: every client of the same read
-//! gets the same bytes.
+//! gets the same bytes. Its gzip-coded body (for clients whose `Accept-Encoding` takes
+//! gzip: [`crate::api::encoding`]) is made once too, on the first such request.
 //!
 //! A blocking query whose index has not passed parks its connection in the [`Fanout`]
 //! under its read's key: no task wakes and no timer fires per change. After a change one
@@ -22,8 +23,8 @@ use crate::{ApiError, Registry, RegistryOptions};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::oneshot;
 
@@ -113,30 +114,41 @@ pub(crate) struct Watch {
 
 /// A read's answer at one registry index, with its wire bytes per HTTP variant.
 pub(crate) struct Prepared {
+    /// Its key in the render cache.
+    key: String,
     /// The global index it was rendered at.
     pub global: u64,
     pub resp: Resp,
+    /// The gzip-coded body, made on the first request that takes gzip (`None`: the body
+    /// is sent as it is, see [`crate::api::http1::coded_body`]).
+    gz: OnceLock<Option<Bytes>>,
+    /// Whether the render cache counts `gz` in its bytes (changed under its lock only).
+    gz_counted: AtomicBool,
     /// (variant, second of its Date header, status line + headers + body).
     wire: Mutex<Vec<(Variant, u64, Bytes)>>,
 }
 
 impl Prepared {
-    pub(crate) fn new(global: u64, resp: Resp) -> Prepared {
+    pub(crate) fn new(key: &str, global: u64, resp: Resp) -> Prepared {
         Prepared {
+            key: key.to_string(),
             global,
             resp,
+            gz: OnceLock::new(),
+            gz_counted: AtomicBool::new(false),
             wire: Mutex::new(Vec::new()),
         }
     }
 
-    /// The whole response for `variant`, built once per variant and second.
-    pub(crate) fn wire(&self, variant: Variant) -> Bytes {
+    /// The whole response for `variant`, built once per variant and second; `coded` is
+    /// the gzip body for a variant that takes gzip.
+    fn wire(&self, variant: Variant, coded: Option<&Bytes>) -> Bytes {
         let now = crate::api::http1::date_second();
         let mut wire = self.wire.lock();
         if let Some((_, _, b)) = wire.iter().find(|(v, s, _)| *v == variant && *s == now) {
             return b.clone();
         }
-        let b = crate::api::http1::wire(&self.resp, variant);
+        let b = crate::api::http1::wire(&self.resp, variant, coded.map(|c| &c[..]));
         wire.retain(|(v, _, _)| *v != variant);
         wire.push((variant, now, b.clone()));
         b
@@ -145,7 +157,8 @@ impl Prepared {
 
 /// Distinct answers kept for sharing; the cache starts over when full.
 const RENDER_CACHE_ENTRIES: usize = 4096;
-/// ... or when their bodies (counted twice: a body and its wire copy) pass this.
+/// ... or when their bodies pass this: an identity body counted twice (the body and its
+/// wire copy), and so is a gzip body from when it is made.
 const RENDER_CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Read answers by key, each valid at the global index it was rendered at.
@@ -155,8 +168,18 @@ pub(crate) struct RenderCache {
     bytes: usize,
 }
 
+/// What `p` counts for in the cache's bytes (call under the cache's lock).
 fn cost(p: &Prepared) -> usize {
-    2 * p.resp.body().len() + 512
+    2 * p.resp.body().len() + 512 + gz_cost(p)
+}
+
+fn gz_cost(p: &Prepared) -> usize {
+    if !p.gz_counted.load(Ordering::Relaxed) {
+        return 0;
+    }
+    p.gz.get()
+        .and_then(|g| g.as_ref())
+        .map_or(0, |g| 2 * g.len())
 }
 
 impl Registry {
@@ -169,7 +192,7 @@ impl Registry {
             }
         }
         let idx = (view.index_of)(st).max(1);
-        let p = Arc::new(Prepared::new(st.index, (view.render)(self, st, idx)));
+        let p = Arc::new(Prepared::new(key, st.index, (view.render)(self, st, idx)));
         let mut cache = self.rendered.lock();
         let added = cost(&p);
         if let Some(old) = cache.answers.remove(key) {
@@ -182,6 +205,39 @@ impl Registry {
         cache.bytes += added;
         cache.answers.insert(key.to_string(), p.clone());
         p
+    }
+
+    /// The whole response of a shared answer for `variant`. The gzip body is made once
+    /// per answer, by the first request that takes gzip, and counted in the cache's
+    /// bytes from then on while the answer is in the cache.
+    pub(crate) fn wire(&self, p: &Prepared, variant: Variant) -> Bytes {
+        if !variant.gzip() {
+            return p.wire(variant, None);
+        }
+        let mut made = false;
+        let gz = p.gz.get_or_init(|| {
+            made = true;
+            crate::api::http1::coded_body(&p.resp, variant)
+        });
+        if made {
+            if let Some(g) = gz {
+                let mut cache = self.rendered.lock();
+                let cached = cache
+                    .answers
+                    .get(&p.key)
+                    .is_some_and(|c| std::ptr::eq(&**c, p));
+                if cached {
+                    p.gz_counted.store(true, Ordering::Relaxed);
+                    cache.bytes += 2 * g.len();
+                    if cache.bytes > RENDER_CACHE_BYTES {
+                        // Starts over, as when an answer is added (`p` lives on while used).
+                        cache.answers.clear();
+                        cache.bytes = 0;
+                    }
+                }
+            }
+        }
+        p.wire(variant, gz.as_ref())
     }
 
     /// A read: its answer now, or a [`Watch`] when `q` asks to wait for a change that
@@ -315,7 +371,7 @@ impl Fanout {
             };
             for w in taken {
                 w.conn.taken.store(true, Ordering::Release);
-                let wire = prepared.wire(w.variant);
+                let wire = reg.wire(&prepared, w.variant);
                 let (written, failed) = match w.conn.stream.try_write(&wire) {
                     Ok(n) => (n, false),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => (0, false),

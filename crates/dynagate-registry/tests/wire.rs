@@ -374,3 +374,265 @@ async fn parked_watchers_share_one_answer() {
     assert!(r.index() > idx2);
     s.shutdown().await;
 }
+
+// ---------------------------------------------------------------- gzip, as Consul does it
+
+fn gunzip(b: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(b)
+        .read_to_end(&mut out)
+        .unwrap_or_else(|e| panic!("not gzip ({e}): {} bytes", b.len()));
+    out
+}
+
+/// `n` instances of `name`, each with a TTL check: its health answer is several KB.
+async fn register_many(s: &Server, name: &str, n: usize) {
+    for i in 0..n {
+        let r = s
+            .put(
+                "/v1/agent/service/register",
+                &format!(
+                    r#"{{"Name":"{name}","ID":"{name}-{i}","Address":"10.0.0.{i}","Port":{},
+                        "Tags":["v1","weight=2"],"Check":{{"TTL":"1h","Status":"passing"}}}}"#,
+                    8000 + i
+                ),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+}
+
+async fn get_with(s: &Server, path: &str, headers: &[(&str, &str)]) -> Resp {
+    request(s.addr, "GET", path, headers, b"").await
+}
+
+/// A gzip answer: coded, its length is the coded length, and it decodes to `identity`.
+fn assert_gzip_of(gz: &Resp, identity: &Resp) {
+    assert_eq!(gz.status, identity.status);
+    assert_eq!(gz.header("Content-Encoding"), Some("gzip"), "{}", gz.head);
+    assert_eq!(gz.header("Vary"), Some("Accept-Encoding"), "{}", gz.head);
+    assert_eq!(
+        gz.header("Content-Length").unwrap(),
+        gz.body.len().to_string(),
+        "Content-Length is the coded length"
+    );
+    assert!(gz.body.len() < identity.body.len() / 2, "{}", gz.body.len());
+    assert_eq!(
+        gunzip(&gz.body),
+        identity.body,
+        "decodes to the identity body"
+    );
+    for h in [
+        "Content-Type",
+        "X-Consul-Index",
+        "X-Consul-Knownleader",
+        "X-Consul-Lastcontact",
+    ] {
+        assert_eq!(gz.header(h), identity.header(h), "{h}");
+    }
+}
+
+fn assert_identity(r: &Resp, vary: bool) {
+    assert_eq!(r.header("Content-Encoding"), None, "{}", r.head);
+    assert_eq!(
+        r.header("Vary"),
+        vary.then_some("Accept-Encoding"),
+        "{}",
+        r.head
+    );
+    assert_eq!(
+        r.header("Content-Length").unwrap(),
+        r.body.len().to_string()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_when_accept_encoding_takes_it() {
+    let s = Server::start(RegistryOptions::default()).await;
+    register_many(&s, "big", 12).await;
+    let config = format!(
+        "{{\"upstreams\":[{}]}}",
+        (0..100)
+            .map(|i| format!("\"10.1.0.{i}:80\""))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    assert_eq!(s.put("/v1/kv/cfg/big", &config).await.text(), "true");
+    s.put("/v1/kv/cfg/small", "1").await;
+
+    for path in [
+        "/v1/health/service/big",
+        "/v1/catalog/service/big",
+        "/v1/agent/services",
+        "/v1/agent/checks",
+        "/v1/health/state/any",
+        "/v1/kv/cfg/big",
+        "/v1/kv/cfg/big?raw",
+        "/v1/kv/?recurse",
+    ] {
+        let identity = s.get(path).await;
+        assert_eq!(identity.status, 200, "{path}");
+        assert!(
+            identity.body.len() >= 1024,
+            "{path}: {}",
+            identity.body.len()
+        );
+        assert_identity(&identity, true);
+        // What Go's net/http, Python requests and browsers send.
+        for ae in ["gzip", "gzip, deflate", "deflate, GZip;q=0.5, br", "*"] {
+            let gz = get_with(&s, path, &[("Accept-Encoding", ae)]).await;
+            assert_gzip_of(&gz, &identity);
+        }
+        // Refused or not offered: identity.
+        for ae in [
+            "gzip;q=0",
+            "identity",
+            "",
+            "deflate, br",
+            "*;q=0",
+            "gzip;q=0.5, identity",
+        ] {
+            let r = get_with(&s, path, &[("Accept-Encoding", ae)]).await;
+            assert_identity(&r, true);
+            assert_eq!(r.body, identity.body, "{path} {ae:?}");
+        }
+    }
+    let raw = get_with(&s, "/v1/kv/cfg/big?raw", &[("Accept-Encoding", "gzip")]).await;
+    assert_eq!(gunzip(&raw.body), config.as_bytes());
+
+    // Small bodies, empty bodies and errors go out as they are, without Vary.
+    for (path, status) in [
+        ("/v1/status/leader", 200),
+        ("/v1/kv/cfg/small", 200),
+        ("/v1/kv/missing", 404),
+        ("/v1/nope", 404),
+    ] {
+        let r = get_with(&s, path, &[("Accept-Encoding", "gzip")]).await;
+        assert_eq!(r.status, status, "{path}");
+        assert_identity(&r, false);
+    }
+    let r = request(
+        s.addr,
+        "PUT",
+        "/v1/agent/service/register",
+        &[("Accept-Encoding", "gzip")],
+        br#"{"Name":"x"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_identity(&r, false);
+
+    // HEAD: the head a GET gets, coded length included, and no body.
+    use tokio::io::AsyncWriteExt;
+    let gz = get_with(&s, "/v1/health/service/big", &[("Accept-Encoding", "gzip")]).await;
+    let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(
+        b"HEAD /v1/health/service/big HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n\
+          GET /v1/status/leader HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let head = read_one(&mut c, &mut buf, true).await;
+    assert_eq!(head.header("Content-Encoding"), Some("gzip"));
+    assert_eq!(
+        head.header("Content-Length").unwrap(),
+        gz.body.len().to_string()
+    );
+    assert!(head.body.is_empty());
+    let next = read_one(&mut c, &mut buf, false).await;
+    assert_eq!(
+        next.text(),
+        "\"127.0.0.1:8300\"",
+        "nothing after the HEAD's head"
+    );
+
+    // HTTP/1.0 as nginx-upsync-module sends it (no Accept-Encoding): identity, a
+    // Content-Length, closed. With gzip accepted, HTTP/1.0 gets it coded all the same.
+    let raw = raw_bytes(
+        s.addr,
+        &upsync_request("/v1/health/service/big", 0),
+        Duration::from_secs(5),
+    )
+    .await;
+    let r = assert_upsync_shape(&raw, None);
+    assert_identity(&r, true);
+    assert_eq!(r.json().as_array().unwrap().len(), 12);
+    let raw = raw_bytes(
+        s.addr,
+        b"GET /v1/health/service/big HTTP/1.0\r\nAccept-Encoding: gzip\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    let r = parse_response(&raw);
+    assert_eq!(r.status_line, "HTTP/1.0 200 OK");
+    assert_eq!(r.header("Content-Encoding"), Some("gzip"));
+    assert_eq!(gunzip(&r.body), s.get("/v1/health/service/big").await.body);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_query_woken_by_a_write_gets_the_new_answer_gzipped() {
+    use tokio::io::AsyncWriteExt;
+    let s = Server::start(RegistryOptions::default()).await;
+    register_many(&s, "big", 10).await;
+    let before = s.get("/v1/health/service/big").await;
+    let idx = before.index();
+    let path = format!("/v1/health/service/big?index={idx}&wait=30s");
+    // Parked watchers of one read: three that take gzip, one that does not, and an
+    // nginx-upsync one (HTTP/1.0, closed after the answer).
+    let mut conns = Vec::new();
+    for ae in ["gzip", "gzip, deflate", "gzip", "identity"] {
+        let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        c.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nAccept-Encoding: {ae}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        conns.push(c);
+    }
+    let addr = s.addr;
+    let upsync = tokio::spawn(async move {
+        raw_bytes(
+            addr,
+            &upsync_request("/v1/health/service/big", idx),
+            Duration::from_secs(20),
+        )
+        .await
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            s.reg.stats().watchers == 5
+        })
+        .await,
+        "watchers parked: {}",
+        s.reg.stats().watchers
+    );
+    let r = s
+        .put(
+            "/v1/agent/service/register",
+            r#"{"Name":"big","ID":"big-10","Port":9000,"Check":{"TTL":"1h","Status":"passing"}}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let mut answers = Vec::new();
+    for c in conns.iter_mut() {
+        let mut buf = Vec::new();
+        answers.push(read_one(c, &mut buf, false).await);
+    }
+    let now = s.get("/v1/health/service/big").await;
+    assert_eq!(now.json().as_array().unwrap().len(), 11);
+    for gz in &answers[..3] {
+        assert!(gz.index() > idx);
+        assert_eq!(gz.index(), now.index());
+        assert_gzip_of(gz, &now);
+    }
+    assert_eq!(answers[0].body, answers[1].body, "one coded body for all");
+    assert_identity(&answers[3], true);
+    assert_eq!(answers[3].body, now.body);
+    let r = assert_upsync_shape(&upsync.await.unwrap(), Some(now.index()));
+    assert_identity(&r, true);
+    assert_eq!(r.body, now.body);
+    s.shutdown().await;
+}

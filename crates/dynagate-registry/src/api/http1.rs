@@ -15,14 +15,19 @@
 //!   answered. Bodies over [`BODY_CAP`] are not read: the handler answers from the
 //!   declared length (413) and the connection closes.
 //! - Responses always carry `Content-Length` (never chunked) and `Date`; header names in
-//!   Title-Case, in the order the handler set them; `HEAD` gets the head only.
+//!   Title-Case, in the order the handler set them; `HEAD` gets the head only (with the
+//!   `Content-Length` and `Content-Encoding` a `GET` would get).
+//! - Bodies are gzip-coded for requests whose `Accept-Encoding` takes gzip, as Consul's
+//!   agent does ([`super::encoding`]): `Content-Encoding: gzip`, `Content-Length` of the
+//!   coded body; `Vary: Accept-Encoding` on every answer whose body is large enough to be
+//!   coded, whichever coding it got.
 //! - A request head must be complete within 30 s of waiting for it (an idle keep-alive
 //!   connection therefore closes after 30 s), be at most 64 KiB and have at most 100
 //!   headers (else 431); a malformed one gets 400; both close the connection.
 //! - While a query is parked the connection is still watched, so a client that goes
 //!   away is noticed and its query dropped.
 
-use super::{handle, Reply, Resp};
+use super::{encoding, handle, Reply, Resp};
 use crate::blocking::{Delivered, Waiter, Watch, WatcherGuard};
 use crate::Registry;
 use bytes::Bytes;
@@ -61,6 +66,8 @@ pub(crate) struct Variant {
     http10: bool,
     connection: ConnectionHeader,
     head_only: bool,
+    /// The request's `Accept-Encoding` takes gzip.
+    gzip: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -71,7 +78,7 @@ enum ConnectionHeader {
 }
 
 impl Variant {
-    fn new(version: Version, keep_alive: bool, head_only: bool) -> Variant {
+    fn new(version: Version, keep_alive: bool, head_only: bool, gzip: bool) -> Variant {
         let http10 = version == Version::HTTP_10;
         let connection = match (http10, keep_alive) {
             (true, true) => ConnectionHeader::KeepAlive,
@@ -83,7 +90,13 @@ impl Variant {
             http10,
             connection,
             head_only,
+            gzip,
         }
+    }
+
+    /// Whether the answer may be gzip-coded for this request.
+    pub(crate) fn gzip(&self) -> bool {
+        self.gzip
     }
 }
 
@@ -112,7 +125,8 @@ fn push_title_case(out: &mut Vec<u8>, name: &HeaderName) {
     }
 }
 
-fn push_head(out: &mut Vec<u8>, resp: &Resp, v: Variant) {
+/// The head of `resp` for a body of `body_len` bytes, gzip-coded when `coded`.
+fn push_head(out: &mut Vec<u8>, resp: &Resp, v: Variant, coded: bool, body_len: usize) {
     let status = resp.status();
     if !v.http10 && status == StatusCode::OK {
         out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
@@ -129,28 +143,41 @@ fn push_head(out: &mut Vec<u8>, resp: &Resp, v: Variant) {
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    if encoding::eligible(resp.body().len()) {
+        out.extend_from_slice(b"Vary: Accept-Encoding\r\n");
+    }
+    if coded {
+        out.extend_from_slice(b"Content-Encoding: gzip\r\n");
+    }
     match v.connection {
         ConnectionHeader::None => {}
         ConnectionHeader::Close => out.extend_from_slice(b"Connection: close\r\n"),
         ConnectionHeader::KeepAlive => out.extend_from_slice(b"Connection: keep-alive\r\n"),
     }
     out.extend_from_slice(b"Content-Length: ");
-    out.extend_from_slice(resp.body().len().to_string().as_bytes());
+    out.extend_from_slice(body_len.to_string().as_bytes());
     out.extend_from_slice(b"\r\nDate: ");
     push_date(out);
     out.extend_from_slice(b"\r\n\r\n");
 }
 
-/// The whole response (head and, unless `HEAD`, body) as one buffer.
-pub(crate) fn wire(resp: &Resp, v: Variant) -> Bytes {
-    let body = if v.head_only {
-        &[][..]
-    } else {
-        &resp.body()[..]
-    };
-    let mut out = Vec::with_capacity(256 + body.len());
-    push_head(&mut out, resp, v);
-    out.extend_from_slice(body);
+/// The gzip-coded body of `resp` for variant `v`: `None` when the request does not take
+/// gzip, the handler coded the body itself, or the body is not worth coding.
+pub(crate) fn coded_body(resp: &Resp, v: Variant) -> Option<Bytes> {
+    if !v.gzip || resp.headers().contains_key(http::header::CONTENT_ENCODING) {
+        return None;
+    }
+    encoding::gzip(resp.body())
+}
+
+/// The whole response (head and, unless `HEAD`, body) as one buffer; `coded` is the
+/// gzip-coded body to send instead of `resp`'s (see [`coded_body`]).
+pub(crate) fn wire(resp: &Resp, v: Variant, coded: Option<&[u8]>) -> Bytes {
+    let body = coded.unwrap_or(&resp.body()[..]);
+    let sent = if v.head_only { &[][..] } else { body };
+    let mut out = Vec::with_capacity(256 + sent.len());
+    push_head(&mut out, resp, v, coded.is_some(), body.len());
+    out.extend_from_slice(sent);
     Bytes::from(out)
 }
 
@@ -574,6 +601,7 @@ async fn connection(reg: Arc<Registry>, conn: Arc<Conn>) {
         };
         let head_only = head.method == Method::HEAD;
         let version = head.version;
+        let gzip = encoding::accepts_gzip(&head.headers);
         let mut req = http::Request::new(http_body_util::Full::new(body));
         *req.method_mut() = head.method;
         *req.uri_mut() = head.uri;
@@ -583,15 +611,17 @@ async fn connection(reg: Arc<Registry>, conn: Arc<Conn>) {
         if *shutdown.borrow() {
             keep_alive = false;
         }
-        let variant = Variant::new(version, keep_alive, head_only);
+        let variant = Variant::new(version, keep_alive, head_only, gzip);
         let ok = match reply {
             Reply::Now(resp) => {
+                let coded = coded_body(&resp, variant);
+                let body = coded.as_ref().unwrap_or(resp.body());
                 let mut h = Vec::with_capacity(256);
-                push_head(&mut h, &resp, variant);
-                let body = if head_only { &[][..] } else { &resp.body()[..] };
+                push_head(&mut h, &resp, variant, coded.is_some(), body.len());
+                let body = if head_only { &[][..] } else { &body[..] };
                 write_all2(&conn, &h, body).await.is_ok()
             }
-            Reply::Shared(p) => write_all(&conn, &p.wire(variant)).await.is_ok(),
+            Reply::Shared(p) => write_all(&conn, &reg.wire(&p, variant)).await.is_ok(),
             Reply::Wait(w) => park(&reg, &conn, w, variant, &mut buf, &mut shutdown).await,
         };
         if !ok || !keep_alive {
@@ -691,7 +721,7 @@ async fn park(
                     let st = reg.state.read();
                     reg.prepared(&key, &w.view, &st)
                 };
-                return write_all(conn, &p.wire(variant)).await.is_ok();
+                return write_all(conn, &reg.wire(&p, variant)).await.is_ok();
             }
             // A pass took it first: its answer is on the way.
             match rx.await {
@@ -771,8 +801,8 @@ mod tests {
             .insert("content-type", HeaderValue::from_static("application/json"));
         r.headers_mut()
             .insert("x-consul-index", HeaderValue::from(7u64));
-        let text = |r: &Resp, v: Variant| String::from_utf8(wire(r, v).to_vec()).unwrap();
-        let t = text(&r, Variant::new(Version::HTTP_11, true, false));
+        let text = |r: &Resp, v: Variant| String::from_utf8(wire(r, v, None).to_vec()).unwrap();
+        let t = text(&r, Variant::new(Version::HTTP_11, true, false, false));
         assert!(
             t.starts_with(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Consul-Index: 7\r\nContent-Length: 2\r\nDate: "
@@ -780,22 +810,60 @@ mod tests {
             "{t}"
         );
         assert!(t.ends_with(" GMT\r\n\r\n[]"), "{t}");
-        let t = text(&r, Variant::new(Version::HTTP_11, false, true));
+        let t = text(&r, Variant::new(Version::HTTP_11, false, true, false));
         assert!(
             t.contains("\r\nConnection: close\r\nContent-Length: 2\r\n"),
             "{t}"
         );
         assert!(t.ends_with("\r\n\r\n"), "HEAD: no body: {t}");
-        let t = text(&r, Variant::new(Version::HTTP_10, false, false));
+        let t = text(&r, Variant::new(Version::HTTP_10, false, false, false));
         assert!(
             t.starts_with("HTTP/1.0 200 OK\r\n") && !t.contains("Connection"),
             "{t}"
         );
-        let t = text(&r, Variant::new(Version::HTTP_10, true, false));
+        let t = text(&r, Variant::new(Version::HTTP_10, true, false, false));
         assert!(t.contains("\r\nConnection: keep-alive\r\n"), "{t}");
         *r.status_mut() = StatusCode::NOT_FOUND;
-        let t = text(&r, Variant::new(Version::HTTP_11, true, false));
+        let t = text(&r, Variant::new(Version::HTTP_11, true, false, false));
         assert!(t.starts_with("HTTP/1.1 404 Not Found\r\n"), "{t}");
+        // A body large enough to be coded: Vary on both codings; the coded one says so
+        // and counts the coded bytes (HEAD too).
+        let body = Bytes::from(br#"{"ServiceID":"web-1","Status":"passing"},"#.repeat(40));
+        let mut r = Resp::new(body.clone());
+        r.headers_mut()
+            .insert("x-consul-index", HeaderValue::from(9u64));
+        let id = Variant::new(Version::HTTP_11, true, false, false);
+        assert_eq!(coded_body(&r, id), None, "identity request");
+        let t = text(&r, id);
+        assert!(
+            t.contains(&format!(
+                "X-Consul-Index: 9\r\nVary: Accept-Encoding\r\nContent-Length: {}\r\n",
+                body.len()
+            )),
+            "{t}"
+        );
+        for head_only in [false, true] {
+            let gz = Variant::new(Version::HTTP_11, true, head_only, true);
+            let coded = coded_body(&r, gz).expect("coded");
+            let w = wire(&r, gz, Some(&coded));
+            let end = w.windows(4).position(|x| x == b"\r\n\r\n").unwrap() + 4;
+            let h = String::from_utf8(w[..end].to_vec()).unwrap();
+            assert!(
+                h.contains(&format!(
+                    "X-Consul-Index: 9\r\nVary: Accept-Encoding\r\nContent-Encoding: gzip\r\nContent-Length: {}\r\n",
+                    coded.len()
+                )),
+                "{h}"
+            );
+            assert_eq!(&w[end..], if head_only { &[][..] } else { &coded[..] });
+        }
+        // A body the handler coded itself is left alone.
+        r.headers_mut()
+            .insert("content-encoding", HeaderValue::from_static("br"));
+        assert_eq!(
+            coded_body(&r, Variant::new(Version::HTTP_11, true, false, true)),
+            None
+        );
         let e = String::from_utf8(error_head(StatusCode::BAD_REQUEST)).unwrap();
         assert!(
             e.starts_with(

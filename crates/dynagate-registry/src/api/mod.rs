@@ -8,6 +8,7 @@
 mod agent;
 mod catalog;
 mod decode;
+pub(crate) mod encoding;
 pub(crate) mod http1;
 mod kv;
 mod render;

@@ -49,6 +49,12 @@ class Health(http.server.BaseHTTPRequestHandler):
 def main():
     url = urllib.parse.urlparse(sys.argv[1])
     c = consul.Consul(host=url.hostname, port=url.port)
+    # What py-consul's own requests session received (requests sends
+    # `Accept-Encoding: gzip, deflate` and decodes gzip bodies transparently).
+    codings = []
+    c.http.session.hooks["response"].append(
+        lambda r, *a, **k: codings.append((r.request.path_url, r.headers.get("Content-Encoding")))
+    )
 
     backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
     threading.Thread(target=backend.serve_forever, daemon=True).start()
@@ -167,6 +173,42 @@ def main():
     c.kv.put("watched", "now")
     t.join(15)
     expect(result.get("r", (0, None))[1]["Value"] == b"now", "kv watch")
+
+    # gzip: large answers come coded (as from Consul's agent) and py-consul reads them.
+    for i in range(12):
+        c.agent.service.register(
+            "big", service_id=f"big{i}", address=f"10.0.0.{i}", port=8000 + i, tags=["v1"],
+            check=Check.ttl("1h"),
+        )
+    codings.clear()
+    index, nodes = c.health.service("big")
+    expect(sorted(n["Service"]["ID"] for n in nodes) == sorted(f"big{i}" for i in range(12)),
+           f"health of 12 instances: {nodes}")
+    expect(codings[-1][1] == "gzip", f"large answer not gzip-coded: {codings}")
+    big_value = "".join(f"server 10.1.0.{i}:80 weight=1;\n" for i in range(100))
+    expect(c.kv.put("cfg/big", big_value) is True, "kv put large value")
+    codings.clear()
+    _, v = c.kv.get("cfg/big")
+    expect(v["Value"] == big_value.encode(), "large kv value read back through gzip")
+    expect(codings[-1][1] == "gzip", f"kv answer not gzip-coded: {codings}")
+    result.clear()
+
+    def watch_big():
+        result["r"] = c.health.service("big", index=index, wait="20s")
+
+    t = threading.Thread(target=watch_big)
+    t.start()
+    time.sleep(0.3)
+    codings.clear()
+    c.agent.service.register("big", service_id="big12", port=8012, check=Check.ttl("1h"))
+    t.join(15)
+    expect("r" in result, "gzip watch did not return")
+    new_index, nodes = result["r"]
+    expect(int(new_index) > int(index) and len(nodes) == 13, f"gzip watch saw {len(nodes)} nodes")
+    expect(("gzip" in [ce for path, ce in codings if "index=" in path]),
+           f"blocking answer not gzip-coded: {codings}")
+    _, small = c.kv.get("watched")
+    expect(small["Value"] == b"now", "small answers stay readable")
 
     # A script check is refused.
     try:
