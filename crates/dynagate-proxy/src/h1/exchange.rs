@@ -316,6 +316,8 @@ enum Attempt {
     Failed(Failure, /* may go again */ bool),
     /// The client failed while sending its body: nobody to answer.
     ClientGone,
+    /// The client's chunked body is malformed: it gets a 400 naming it.
+    BadBody(String),
 }
 
 async fn send(
@@ -432,6 +434,12 @@ async fn send(
                 }
             }
             Attempt::ClientGone => return Next::Close,
+            // Not the server's fault: its connection (holding part of the body) is dropped.
+            Attempt::BadBody(e) => {
+                worker.counters.bad_request.fetch_add(1, Ordering::Relaxed);
+                let why = format!("dynagate: bad request: invalid chunked body: {e}");
+                return simple(conn, ctx, 400, &why, true).await;
+            }
         }
     }
     let (status, message) = unanswered(&worker.counters, upstream, last_failure, ctx.log.as_mut());
@@ -538,9 +546,13 @@ async fn send_streaming(
         let head = loop {
             tokio::select! {
                 sent = &mut body, if body_done.is_none() => {
-                    if let Err(PumpError::Read(e)) = &sent {
-                        tracing::debug!(error = %e, "client request body failed");
-                        return Attempt::ClientGone;
+                    match &sent {
+                        Err(PumpError::Read(e)) => {
+                            tracing::debug!(error = %e, "client request body failed");
+                            return Attempt::ClientGone;
+                        }
+                        Err(PumpError::Framing(e)) => return Attempt::BadBody(e.clone()),
+                        _ => {}
                     }
                     body_done = Some(sent);
                 }
@@ -633,7 +645,7 @@ async fn respond(
             }
             (n, if close { Next::Close } else { Next::KeepAlive })
         }
-        Err(PumpError::Read(e)) => {
+        Err(PumpError::Read(e) | PumpError::Framing(e)) => {
             server.stats.failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(upstream = %upstream.spec.name, server = %server.key, error = %e, "upstream body failed");
             (0, Next::Close)

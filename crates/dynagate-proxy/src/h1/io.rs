@@ -42,8 +42,10 @@ impl Reusable for UpConn {
 /// Which side of a copy failed.
 #[derive(Debug)]
 pub enum PumpError {
-    /// The source failed, closed early, timed out or sent bad framing.
+    /// The source failed, closed early or timed out.
     Read(String),
+    /// The source's chunked framing is invalid (a client gets a 400 for it).
+    Framing(String),
     /// The destination went away.
     Write(io::Error),
 }
@@ -51,7 +53,7 @@ pub enum PumpError {
 impl std::fmt::Display for PumpError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            PumpError::Read(e) => write!(f, "{e}"),
+            PumpError::Read(e) | PumpError::Framing(e) => write!(f, "{e}"),
             PumpError::Write(e) => write!(f, "{e}"),
         }
     }
@@ -161,7 +163,7 @@ where
                     ranges.clear();
                     let used = chunked
                         .feed(avail, |a, b| ranges.push((a, b)))
-                        .map_err(|e| PumpError::Read(e.to_string()))?;
+                        .map_err(|e| PumpError::Framing(e.to_string()))?;
                     if framing == OutFraming::Raw {
                         for &(a, b) in &ranges {
                             out.body(&avail[a..b]).await?;

@@ -373,6 +373,25 @@ async fn request_bodies_stream_and_100_continue_passes() {
         .unwrap();
     let (_, body) = read_response(&mut s, &mut buf).await;
     assert_eq!(body, b"/after");
+
+    // A chunked body with broken framing: 400 naming it, then the connection closes
+    // (what follows cannot be told apart from a next request).
+    let mut s = connect(&gw).await;
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"4\r\nabcd\r\nzz\r\n").await.unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all))
+        .await
+        .expect("connection closed after the 400")
+        .unwrap();
+    let text = String::from_utf8_lossy(&all);
+    assert!(
+        text.starts_with("HTTP/1.1 400") && text.contains("invalid chunked body"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
