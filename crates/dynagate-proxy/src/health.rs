@@ -464,11 +464,7 @@ fn defer_last_ack(sock: &Socket) -> io::Result<()> {
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        os_ok(r)
     }
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     {
@@ -506,6 +502,16 @@ fn pin_source_port(sock: &Socket, addr: SocketAddr) {
     }
 }
 
+/// A libc call's return value as a result (`errno` on failure).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn os_ok(r: libc::c_int) -> io::Result<()> {
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn in_progress(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
@@ -539,11 +545,7 @@ fn disconnect(sock: &Socket) -> io::Result<()> {
                 std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
             )
         };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        os_ok(r)
     }
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     {

@@ -185,6 +185,16 @@ async fn connect(gw: &Gateway) -> TcpStream {
     TcpStream::connect(gw.proxy).await.unwrap()
 }
 
+/// Everything the gateway sends until it closes the connection (within 5 s).
+async fn read_until_closed(s: &mut TcpStream, what: &str) -> String {
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all))
+        .await
+        .unwrap_or_else(|_| panic!("{what}"))
+        .unwrap();
+    String::from_utf8_lossy(&all).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelining_and_http10() {
     let dir = TempDir::new("h1-pipeline");
@@ -209,12 +219,7 @@ async fn pipelining_and_http10() {
     s.write_all(b"GET /old HTTP/1.0\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let mut all = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all))
-        .await
-        .expect("connection closed after an HTTP/1.0 answer")
-        .unwrap();
-    let text = String::from_utf8_lossy(&all);
+    let text = read_until_closed(&mut s, "connection closed after an HTTP/1.0 answer").await;
     assert!(
         text.starts_with("HTTP/1.1 200") && text.ends_with("/old"),
         "{text}"
@@ -238,12 +243,7 @@ async fn pipelining_and_http10() {
     // HTTP/1.1 without Host: 400 naming it, connection closed (RFC 9112 §3.2) ...
     let mut s = connect(&gw).await;
     s.write_all(b"GET /nohost HTTP/1.1\r\n\r\n").await.unwrap();
-    let mut all = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all))
-        .await
-        .expect("connection closed after the 400")
-        .unwrap();
-    let text = String::from_utf8_lossy(&all);
+    let text = read_until_closed(&mut s, "connection closed after the 400").await;
     assert!(
         text.starts_with("HTTP/1.1 400") && text.contains("without Host"),
         "{text}"
@@ -293,12 +293,7 @@ async fn response_framing_for_each_client() {
     s.write_all(b"GET /chunked HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
         .await
         .unwrap();
-    let mut all = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all))
-        .await
-        .expect("closed after a decoded body")
-        .unwrap();
-    let text = String::from_utf8_lossy(&all);
+    let text = read_until_closed(&mut s, "closed after a decoded body").await;
     assert!(text.ends_with("\r\n\r\nhello world"), "{text}");
     assert!(
         !text.to_ascii_lowercase().contains("transfer-encoding"),
@@ -382,12 +377,7 @@ async fn request_bodies_stream_and_100_continue_passes() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     s.write_all(b"4\r\nabcd\r\nzz\r\n").await.unwrap();
-    let mut all = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all))
-        .await
-        .expect("connection closed after the 400")
-        .unwrap();
-    let text = String::from_utf8_lossy(&all);
+    let text = read_until_closed(&mut s, "connection closed after the 400").await;
     assert!(
         text.starts_with("HTTP/1.1 400") && text.contains("invalid chunked body"),
         "{text}"
