@@ -502,6 +502,11 @@ fn pin_source_port(sock: &Socket, addr: SocketAddr) {
     }
 }
 
+/// The pool index of a TCP check's sockets: 1 for half-open ones (their option set).
+fn pool_half(check: &HealthCheck) -> usize {
+    (check.tcp_handshake.unwrap_or_default() == TcpHandshake::HalfOpen) as usize
+}
+
 /// A libc call's return value as a result (`errno` on failure).
 #[cfg(any(target_os = "linux", target_os = "android"))]
 fn os_ok(r: libc::c_int) -> io::Result<()> {
@@ -1204,6 +1209,26 @@ impl Engine {
         Ok(id)
     }
 
+    /// Registers a connecting socket with epoll and makes it the slot's connection in
+    /// `state`; false (the check failed) when epoll refuses it.
+    fn attach(&mut self, idx: usize, sock: Socket, state: State) -> bool {
+        let id = match self.register(idx, &sock) {
+            Ok(id) => id,
+            Err(e) => {
+                self.connect_failed(idx, e);
+                return false;
+            }
+        };
+        let slot = self.slot(idx);
+        slot.conn = Some(Conn {
+            sock,
+            id,
+            established: false,
+        });
+        slot.state = state;
+        true
+    }
+
     fn connect_http(&mut self, idx: usize, addr: SocketAddr) {
         let sock = match new_socket(addr) {
             Ok(s) => s,
@@ -1214,17 +1239,9 @@ impl Engine {
             Err(e) if in_progress(&e) => {}
             Err(e) => return self.connect_failed(idx, e),
         }
-        let id = match self.register(idx, &sock) {
-            Ok(id) => id,
-            Err(e) => return self.connect_failed(idx, e),
-        };
-        let slot = self.slot(idx);
-        slot.conn = Some(Conn {
-            sock,
-            id,
-            established: false,
-        });
-        slot.state = State::Sending(0);
+        if !self.attach(idx, sock, State::Sending(0)) {
+            return;
+        }
         // On a near server the handshake is over by now: write at once.
         self.send_request(idx);
     }
@@ -1340,8 +1357,7 @@ impl Engine {
 
     fn connect_tcp(&mut self, idx: usize, addr: SocketAddr) {
         let family = addr.is_ipv6() as usize;
-        let half = (self.slot(idx).check.tcp_handshake.unwrap_or_default()
-            == TcpHandshake::HalfOpen) as usize;
+        let half = pool_half(&self.slot(idx).check);
         let sock = match self.pool[family][half].pop() {
             Some(s) => s,
             None => match new_socket(addr).and_then(|s| {
@@ -1369,18 +1385,9 @@ impl Engine {
         match r {
             Ok(()) => self.tcp_ok(idx, sock, Some((family, half))),
             Err(e) if in_progress(&e) => {
-                let id = match self.register(idx, &sock) {
-                    Ok(id) => id,
-                    Err(e) => return self.connect_failed(idx, e),
-                };
-                let slot = self.slot(idx);
-                slot.conn = Some(Conn {
-                    sock,
-                    id,
-                    established: false,
-                });
-                slot.peer = Some(addr);
-                slot.state = State::TcpConnecting;
+                if self.attach(idx, sock, State::TcpConnecting) {
+                    self.slot(idx).peer = Some(addr);
+                }
             }
             Err(e) => self.connect_failed(idx, e),
         }
@@ -1398,8 +1405,7 @@ impl Engine {
             }
             _ => {} // established (Ok or EISCONN)
         }
-        let half =
-            (slot.check.tcp_handshake.unwrap_or_default() == TcpHandshake::HalfOpen) as usize;
+        let half = pool_half(&slot.check);
         let conn = slot.conn.take().expect("a connection");
         // Out of epoll, the socket can go back to the pool (its old token's late events
         // no longer match a connection id).
