@@ -10,7 +10,10 @@
    before and after; the mean is subtracted). The checks actually made are counted at the
    origin (nginx stub_status: requests for HTTP, accepted connections for TCP) and a sample
    of upstreams is read back through the admin API (health verdict, age of the last check).
-   dynagate: 1 worker, pinned to core 0 (the health checker is its own thread).
+   dynagate: 1 worker, pinned to core 0 (the health checker is its own thread). For the TCP
+   kinds, a bare C loop (lib/tcp_check_floor.c) then makes the same checks at the same pace
+   with dynagate's checks off, pinned the same way: the kernel's cost of the handshakes alone
+   on this machine, so the row can tell dynagate's share from the floor.
 2. CPU µs per request of each balancing algorithm against round_robin: wrk -t1 -c50 small
    responses, 1 worker pinned to core 0, wrk + origin on core 1, one upstream of the 2 origin
    servers, 4 s runs. Every run sends `x-user: user0..user999` (rotating) so consistent_hash
@@ -232,7 +235,28 @@ def health_checks(dg):
     log(f"  checks off: idle {res['idle_after']['cpu_pct']:.2f}% of a core; origin connections "
         f"still open {res['conns_after_off']}; origin requests/s {res['idle_after']['rate']:.1f}")
     res["baseline"] = (res["idle_before"]["cpu_pct"] + res["idle_after"]["cpu_pct"]) / 2
+    for kind in ("tcp", "tcp_full"):
+        if kind in res:
+            res[kind]["floor"] = tcp_floor(kind)
+            f = res[kind]["floor"]
+            log(f"  {kind.upper()} floor (bare C loop, same checks and pace): {f['cpu_pct']:.2f}% of "
+                f"a core, {f['checks_per_s']:.0f} checks/s ({f['inline']} answered in connect, "
+                f"{f['via_epoll']} through epoll, {f['failed']} failed)")
     return res
+
+
+def tcp_floor(kind):
+    """The same TCP checks made by a bare C loop (bench/lib/tcp_check_floor.c): same pace, same
+    system calls, no bookkeeping — the kernel's share of a TCP check on this machine, measured
+    in the same run, with dynagate's checks off."""
+    need("cc", "gcc")
+    exe = os.path.join(WORK, "tcp_check_floor")
+    if not os.path.exists(exe):
+        subprocess.check_call(["cc", "-O2", "-o", exe, os.path.join(LIB, "tcp_check_floor.c")])
+    out = subprocess.run(pinned([exe, "127.0.0.1", str(CHECK_PORTS[0]), str(len(CHECK_PORTS)),
+                                 str(SERVERS), str(WINDOW), "half" if kind == "tcp" else "full"],
+                                PROXY_CPU), capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
 
 
 # --------------------------------------------------------------------------- balancing
@@ -344,6 +368,11 @@ def main():
                 "tcp_full": "TCP, \"tcp_handshake\":\"full\" (connect, then reset; counted "
                             "by nginx's accepts)"}[kind]
         by_thread = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["threads_pct"].items()))
+        fl = r.get("floor")
+        floor_note = (f"; floor: a bare C loop making the same checks at the same pace "
+                      f"(bench/lib/tcp_check_floor.c, {fl['checks_per_s']:,.0f} checks/s) costs "
+                      f"{fl['cpu_pct']:.2f}% of a core in this run, dynagate ÷ floor "
+                      f"{net / fl['cpu_pct']:.2f}" if fl and fl["cpu_pct"] > 0 else "")
         # The target is the default check kinds'; a full handshake is reported for contrast.
         target, ok = ("≤ 15%", net <= 15) if kind != "tcp_full" else (
             "info (the server's half of each handshake is charged to dynagate on loopback)", None)
@@ -357,7 +386,15 @@ def main():
                              f"{h['sampled']} upstreams: {h['healthy']} healthy, {h['fresh']} checked in "
                              f"the last 2.5 s; by thread (% of a core): {by_thread}; user "
                              f"{r['user_pct']:.1f}% + system {r['sys_pct']:.1f}%; RSS {r['rss_mib']:.0f} MiB (idle "
-                             f"{hc['idle_before']['rss_mib']:.0f} MiB)"))
+                             f"{hc['idle_before']['rss_mib']:.0f} MiB){floor_note}"))
+        if fl:
+            rows.append(row(f"the same {LABEL[kind]} checks from a bare C loop (the kernel's floor "
+                            f"on this machine), % of one core", na, fl["cpu_pct"], "%",
+                            "info (no bookkeeping: only the check's system calls)", ratio=None,
+                            ok=None, note=f"bench/lib/tcp_check_floor.c, pinned like dynagate, "
+                                          f"{fl['secs']:.0f} s, {fl['checks_per_s']:,.0f} checks/s, "
+                                          f"{fl['inline']:,} answered within connect, "
+                                          f"{fl['via_epoll']:,} through epoll, {fl['failed']} failed"))
     for algo in ALGOS:
         runs = bal[algo]
         if not runs:
