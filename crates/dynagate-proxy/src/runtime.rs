@@ -634,6 +634,11 @@ impl Snapshot {
     pub fn upstream_for(&self, route: &RouteEntry) -> Option<&Arc<UpstreamRuntime>> {
         self.resolved.get(route.upstream_slot as usize)?.as_ref()
     }
+
+    /// The upstream of upstream slot `slot` (`RouteEntry::upstream_slot`), if it exists.
+    pub fn upstream_at(&self, slot: u32) -> Option<&Arc<UpstreamRuntime>> {
+        self.resolved.get(slot as usize)?.as_ref()
+    }
 }
 
 #[cfg(test)]

@@ -116,23 +116,26 @@ pub async fn proxy(conn: &mut ClientConn, shared: &Shared, head: RequestHead) ->
         .unwrap_or("");
     let host = normalize_host(host_raw);
     let path = head.path(buf);
-    let Some(route) = snapshot.routes.find(&host, path, method) else {
+    let Some(route) = snapshot.routes.find_hit(&host, path, method) else {
         worker.counters.no_route.fetch_add(1, Ordering::Relaxed);
         let msg = format!("dynagate: no route for host {:?} path {:?}", &*host, path);
         let close = info.body != BodyKind::Empty;
         return simple(conn, &mut ctx, 404, &msg, close).await;
     };
     ctx.route = route.no;
-    let Some(upstream) = snapshot.upstream_for(route).cloned() else {
-        let msg = format!("dynagate: upstream {:?} does not exist", route.upstream);
+    let Some(upstream) = snapshot.upstream_at(route.upstream_slot).cloned() else {
+        let msg = format!(
+            "dynagate: upstream {:?} does not exist",
+            route.entry.upstream
+        );
         let close = info.body != BodyKind::Empty;
         return simple(conn, &mut ctx, 503, &msg, close).await;
     };
     ctx.read_timeout = upstream.read_timeout;
     ctx.keepalive = upstream.keepalive;
     if let Some(entry) = ctx.log.as_mut() {
-        entry.route = Some(route.id.clone());
-        entry.upstream = Some(route.upstream.clone());
+        entry.route = Some(route.entry.id.clone());
+        entry.upstream = Some(route.entry.upstream.clone());
     }
     // `hashes` first: only consistent-hash upstreams read their spec here.
     let hash_key = upstream.hashes.then_some(&upstream.spec.hash_key);
@@ -165,7 +168,7 @@ pub async fn proxy(conn: &mut ClientConn, shared: &Shared, head: RequestHead) ->
         &mut up_head,
         &UpstreamHeadCtx {
             client_ip: std::str::from_utf8(&ip[..ip_len]).unwrap_or("unknown"),
-            upstream_host: route.upstream_host_value.as_ref().map(|v| v.as_bytes()),
+            upstream_host: route.upstream_host().map(|v| v.as_bytes()),
             upgrade,
         },
     );
