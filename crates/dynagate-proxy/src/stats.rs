@@ -76,6 +76,7 @@ pub struct Shard {
 }
 
 // The reference count (16 bytes) and the record fill one 256-byte size class exactly.
+#[cfg(target_pointer_width = "64")]
 const _: () = assert!(std::mem::size_of::<Shard>() + 16 == 256);
 
 impl Default for Shard {
