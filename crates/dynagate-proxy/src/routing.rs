@@ -87,37 +87,106 @@ impl RouteEntry {
         path.as_bytes().starts_with(self.path_prefix())
             && (self.methods.is_empty() || self.methods.iter().any(|m| &**m == method))
     }
+
+    /// What a host slot may say for this entry when it is its host's first candidate:
+    /// `PLAIN_ANY` / `PLAIN_ROOT` when it matches any method and any path (any path
+    /// starting with `/`) and sets no upstream Host, so a request needs nothing else of it.
+    fn plain_flags(&self) -> u16 {
+        if !self.methods.is_empty() || self.upstream_host_value.is_some() {
+            return 0;
+        }
+        match self.path_prefix() {
+            b"" => PLAIN_ANY,
+            b"/" => PLAIN_ROOT,
+            _ => 0,
+        }
+    }
 }
 
-/// Host bytes kept inline in a slot; longer hosts keep their tail in the key arena.
-const INLINE_HOST: usize = 36;
+/// A matched route: its number and upstream slot, and the entry (read for more only
+/// when `upstream_host` needs it, or for logs and errors).
+#[derive(Debug, Clone, Copy)]
+pub struct Hit<'a> {
+    pub no: RouteNo,
+    pub upstream_slot: u32,
+    pub entry: &'a RouteEntry,
+    /// The entry sets no upstream Host (known from the host slot).
+    plain: bool,
+}
 
-/// One host of a `HostMap`: its hash, candidates and (the start of) its name, in one
-/// cache line.
+impl<'a> Hit<'a> {
+    fn of(entry: &'a RouteEntry) -> Hit<'a> {
+        Hit {
+            no: entry.no,
+            upstream_slot: entry.upstream_slot,
+            entry,
+            plain: false,
+        }
+    }
+
+    /// `upstream_host` ready to send, if the route sets one.
+    pub fn upstream_host(&self) -> Option<&'a http::HeaderValue> {
+        if self.plain {
+            return None;
+        }
+        self.entry.upstream_host_value.as_deref()
+    }
+}
+
+/// Host slot flags: the first candidate matches every method and path (`PLAIN_ANY`) or
+/// every path starting with `/` (`PLAIN_ROOT`), and sets no upstream Host.
+const PLAIN_ANY: u16 = 1;
+const PLAIN_ROOT: u16 = 2;
+
+/// Host bytes kept inline in a slot; longer hosts keep their tail in the key arena.
+const INLINE_HOST: usize = 32;
+
+/// One host of a `HostMap`: its hash, candidates, (the start of) its name and what a
+/// request needs of its first candidate when that one is plain, in one cache line: a
+/// host with one catch-all route is routed without reading its entry.
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(64))]
 struct HostSlot {
-    hash: u64,
+    /// The high half of the host's hash (the low bits chose the slot).
+    hash: u32,
     /// Candidates are `lists[start..start + count]`; count 0 marks a free slot.
     start: u32,
     count: u32,
     /// The first candidate (most lists have one): no trip to `lists` for it.
     first: u32,
-    key_len: u32,
+    /// The first candidate's route number and upstream slot, and its `PLAIN_*` flags.
+    first_no: RouteNo,
+    first_upstream: u32,
+    flags: u16,
+    key_len: u16,
     /// Where bytes past `INLINE_HOST` are in the arena.
     key_tail: u32,
     key_inline: [u8; INLINE_HOST],
 }
+
+const _: () = assert!(std::mem::size_of::<HostSlot>() == 64);
 
 const FREE: HostSlot = HostSlot {
     hash: 0,
     start: 0,
     count: 0,
     first: 0,
+    first_no: 0,
+    first_upstream: 0,
+    flags: 0,
     key_len: 0,
     key_tail: 0,
     key_inline: [0; INLINE_HOST],
 };
+
+/// A host of a `HostMap` while it is built.
+struct HostSpec<'a> {
+    name: &'a str,
+    start: u32,
+    count: u32,
+    /// The first candidate's entry.
+    first: Option<(u32, &'a RouteEntry)>,
+}
 
 /// Host name → candidate list, open addressing with linear probing, at most half full.
 #[derive(Debug, Default)]
@@ -128,23 +197,30 @@ struct HostMap {
 }
 
 impl HostMap {
-    /// `hosts`: (name, start, count, first) per host, names distinct.
-    fn build(hosts: &[(String, u32, u32, u32)], seed: u64) -> HostMap {
+    /// `hosts`: names distinct, at most 65,535 bytes each (DNS names are far shorter).
+    fn build(hosts: &[HostSpec], seed: u64) -> HostMap {
         if hosts.is_empty() {
             return HostMap::default();
         }
         let size = (hosts.len() * 2).next_power_of_two();
         let mut slots = vec![FREE; size];
         let mut arena = Vec::new();
-        for (name, start, count, first) in hosts {
-            let key = name.as_bytes();
+        for host in hosts {
+            let key = host.name.as_bytes();
             let hash = host_hash(seed, key);
+            let (first, first_no, first_upstream, flags) = match host.first {
+                Some((i, e)) => (i, e.no, e.upstream_slot, e.plain_flags()),
+                None => (u32::MAX, 0, 0, 0),
+            };
             let mut slot = HostSlot {
-                hash,
-                start: *start,
-                count: *count,
-                first: *first,
-                key_len: key.len() as u32,
+                hash: (hash >> 32) as u32,
+                start: host.start,
+                count: host.count,
+                first,
+                first_no,
+                first_upstream,
+                flags,
+                key_len: key.len().min(u16::MAX as usize) as u16,
                 key_tail: arena.len() as u32,
                 key_inline: [0; INLINE_HOST],
             };
@@ -181,7 +257,7 @@ impl HostMap {
             if slot.count == 0 {
                 return None;
             }
-            if slot.hash == hash && self.key_eq(slot, key) {
+            if slot.hash == (hash >> 32) as u32 && self.key_eq(slot, key) {
                 return Some(slot);
             }
             i = (i + 1) & mask;
@@ -189,7 +265,7 @@ impl HostMap {
     }
 
     fn key_eq(&self, slot: &HostSlot, key: &[u8]) -> bool {
-        if slot.key_len as usize != key.len() {
+        if slot.key_len as usize != key.len() || key.len() >= u16::MAX as usize {
             return false;
         }
         let inline = key.len().min(INLINE_HOST);
@@ -287,29 +363,39 @@ impl RouteTable {
             })
         };
         let mut lists = Vec::new();
-        let flatten = |map: HashMap<&str, Vec<u32>>, lists: &mut Vec<u32>| {
-            let mut hosts: Vec<(String, u32, u32, u32)> = Vec::with_capacity(map.len());
-            for (host, mut list) in map {
+        fn flatten<'e>(
+            map: HashMap<&'e str, Vec<u32>>,
+            lists: &mut Vec<u32>,
+            entries: &'e [RouteEntry],
+            order: &impl Fn(&mut Vec<u32>),
+        ) -> Vec<HostSpec<'e>> {
+            let mut hosts: Vec<HostSpec> = Vec::with_capacity(map.len());
+            for (name, mut list) in map {
                 order(&mut list);
-                hosts.push((
-                    host.to_string(),
-                    lists.len() as u32,
-                    list.len() as u32,
-                    list.first().copied().unwrap_or(u32::MAX),
-                ));
+                hosts.push(HostSpec {
+                    name,
+                    start: lists.len() as u32,
+                    count: list.len() as u32,
+                    first: list
+                        .first()
+                        .and_then(|i| Some((*i, entries.get(*i as usize)?))),
+                });
                 lists.extend_from_slice(&list);
             }
             hosts
-        };
-        let exact_hosts = flatten(exact, &mut lists);
-        let wildcard_hosts = flatten(wildcard, &mut lists);
+        }
+        let exact_hosts = flatten(exact, &mut lists, entries, &order);
+        let wildcard_hosts = flatten(wildcard, &mut lists, entries, &order);
         order(&mut any);
         let any_range = (lists.len() as u32, any.len() as u32);
         lists.extend_from_slice(&any);
         let seed = crate::balance::random_u64();
+        let exact = HostMap::build(&exact_hosts, seed);
+        let wildcard = HostMap::build(&wildcard_hosts, seed.rotate_left(17));
+        drop((exact_hosts, wildcard_hosts));
         table.len = lists.len();
-        table.exact = HostMap::build(&exact_hosts, seed);
-        table.wildcard = HostMap::build(&wildcard_hosts, seed.rotate_left(17));
+        table.exact = exact;
+        table.wildcard = wildcard;
         table.any = any_range;
         table.lists = lists;
         table
@@ -317,6 +403,12 @@ impl RouteTable {
 
     /// `host` must be lower case without port.
     pub fn find(&self, host: &str, path: &str, method: &str) -> Option<&RouteEntry> {
+        self.find_hit(host, path, method).map(|h| h.entry)
+    }
+
+    /// `find`, with what a request needs of the route taken from the host slot when it
+    /// has it (`Hit`).
+    pub fn find_hit(&self, host: &str, path: &str, method: &str) -> Option<Hit<'_>> {
         if let Some(r) = self
             .exact
             .get(host)
@@ -338,16 +430,26 @@ impl RouteTable {
                 rest = suffix;
             }
         }
-        self.pick(self.any.0, self.any.1, path, method)
+        self.pick(self.any.0, self.any.1, path, method).map(Hit::of)
     }
 
-    fn pick_slot(&self, slot: &HostSlot, path: &str, method: &str) -> Option<&RouteEntry> {
-        if let Some(first) = self.entries.get(slot.first as usize) {
-            if first.matches(path, method) {
-                return Some(first);
-            }
+    fn pick_slot(&self, slot: &HostSlot, path: &str, method: &str) -> Option<Hit<'_>> {
+        let first = self.entries.get(slot.first as usize)?;
+        let plain = slot.flags == PLAIN_ANY || (slot.flags == PLAIN_ROOT && path.starts_with('/'));
+        if plain {
+            // The slot has all a request needs: the entry's address, not its contents.
+            return Some(Hit {
+                no: slot.first_no,
+                upstream_slot: slot.first_upstream,
+                entry: first,
+                plain: true,
+            });
+        }
+        if first.matches(path, method) {
+            return Some(Hit::of(first));
         }
         self.pick(slot.start + 1, slot.count.saturating_sub(1), path, method)
+            .map(Hit::of)
     }
 
     fn pick(&self, start: u32, count: u32, path: &str, method: &str) -> Option<&RouteEntry> {
@@ -489,6 +591,62 @@ mod tests {
         let again = RouteTable::build(routes.iter());
         assert_eq!(again.find("a.example", "/", "GET").unwrap().no, a.no);
         assert_ne!(a.no, c.no);
+    }
+
+    #[test]
+    fn host_slots_answer_for_plain_first_routes() {
+        let mut rewrite = Route::new("rewrite", &["rw.example"], "/", "u2");
+        rewrite.upstream_host = Some("inner.example".into());
+        let routes = [
+            r("root", &["a.example"], "/", &[]),
+            r("empty", &["e.example"], "", &[]),
+            r("get-only", &["m.example"], "/", &["GET"]),
+            r("api", &["p.example"], "/api", &[]),
+            r("p-root", &["p.example"], "/", &[]),
+            Arc::new(rewrite),
+            r(
+                "long-host",
+                &["a-host-name-longer-than-32-bytes.example"],
+                "/",
+                &[],
+            ),
+        ];
+        let t = RouteTable::build(routes.iter());
+        let hit = |h: &str, p: &str, m: &str| t.find_hit(h, p, m);
+        for (host, id, plain) in [
+            ("a.example", "root", true),
+            ("e.example", "empty", true),
+            ("m.example", "get-only", false),
+            ("p.example", "api", false),
+            ("rw.example", "rewrite", false),
+            (
+                "a-host-name-longer-than-32-bytes.example",
+                "long-host",
+                true,
+            ),
+        ] {
+            let path = if host == "p.example" { "/api/x" } else { "/x" };
+            let h = hit(host, path, "GET").unwrap();
+            assert_eq!(&*h.entry.id, id);
+            assert_eq!(h.no, h.entry.no, "{id}");
+            assert_eq!(h.upstream_slot, h.entry.upstream_slot, "{id}");
+            assert_eq!(h.plain, plain, "{id}");
+        }
+        assert_eq!(
+            hit("rw.example", "/", "GET").unwrap().upstream_host(),
+            Some(&http::HeaderValue::from_static("inner.example"))
+        );
+        assert_eq!(hit("a.example", "/", "GET").unwrap().upstream_host(), None);
+        // Plain "/" still needs a path starting with "/"; "" takes anything.
+        assert!(hit("a.example", "*", "OPTIONS").is_none());
+        assert!(hit("e.example", "*", "OPTIONS").is_some());
+        // Method lists are still checked on the entry.
+        assert!(hit("m.example", "/", "POST").is_none());
+        assert_eq!(&*hit("p.example", "/x", "GET").unwrap().entry.id, "p-root");
+        assert_ne!(
+            hit("rw.example", "/", "GET").unwrap().upstream_slot,
+            hit("a.example", "/", "GET").unwrap().upstream_slot
+        );
     }
 
     #[test]

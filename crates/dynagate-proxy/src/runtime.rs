@@ -4,7 +4,7 @@
 
 use crate::balance::{self, Ketama, Maglev};
 use crate::routing::{RouteEntry, RouteTable};
-pub use crate::stats::{mono_ms, unix_ms, Alarm, Health, InFlight, ServerStats};
+pub use crate::stats::{mono_ms, unix_ms, Alarm, Health, InFlight, ServerStats, Shard};
 use dynagate_model::{Balance, HashMethod, RegistryStatus, Server, ServerState, Upstream};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -119,35 +119,59 @@ pub struct Candidate {
     backup: bool,
 }
 
-/// Servers whose current weights live inline in a worker's balancer record.
-const INLINE_RR: usize = 6;
+/// Servers whose state lives inline in a worker's line.
+const INLINE_SERVERS: usize = 3;
 
-/// One worker's smooth-weighted-round-robin state for one upstream, on its own line.
+/// One worker's record for one upstream, in one line of its own: the smooth-weighted-
+/// round-robin current weights and, for each server, the worker's counters (`Shard`),
+/// so a request reaches them without reading the server's `ServerStats`.
 #[derive(Debug)]
 #[repr(align(64))]
-struct RrShard(Mutex<RrWeights>);
+struct WorkerLine(Mutex<LineState>);
+
+const _: () = assert!(std::mem::size_of::<WorkerLine>() == 64);
 
 #[derive(Debug)]
-enum RrWeights {
-    Inline([i64; INLINE_RR]),
-    Heap(Vec<i64>),
+enum LineState {
+    Inline {
+        current: [i64; INLINE_SERVERS],
+        shards: [Option<Arc<Shard>>; INLINE_SERVERS],
+    },
+    Heap {
+        current: Box<[i64]>,
+        shards: Box<[Option<Arc<Shard>>]>,
+    },
 }
 
-impl RrWeights {
-    fn new(weights: Vec<i64>) -> RrWeights {
-        if weights.len() <= INLINE_RR {
-            let mut inline = [0; INLINE_RR];
-            inline[..weights.len()].copy_from_slice(&weights);
-            RrWeights::Inline(inline)
+impl LineState {
+    fn new(weights: Vec<i64>) -> LineState {
+        if weights.len() <= INLINE_SERVERS {
+            let mut current = [0; INLINE_SERVERS];
+            current[..weights.len()].copy_from_slice(&weights);
+            LineState::Inline {
+                current,
+                shards: Default::default(),
+            }
         } else {
-            RrWeights::Heap(weights)
+            let shards = weights.iter().map(|_| None).collect();
+            LineState::Heap {
+                current: weights.into(),
+                shards,
+            }
         }
     }
 
-    fn as_mut_slice(&mut self) -> &mut [i64] {
+    fn current(&mut self) -> &mut [i64] {
         match self {
-            RrWeights::Inline(w) => w,
-            RrWeights::Heap(w) => w,
+            LineState::Inline { current, .. } => current,
+            LineState::Heap { current, .. } => current,
+        }
+    }
+
+    fn shards(&mut self) -> &mut [Option<Arc<Shard>>] {
+        match self {
+            LineState::Inline { shards, .. } => shards,
+            LineState::Heap { shards, .. } => shards,
         }
     }
 }
@@ -159,9 +183,9 @@ impl RrWeights {
 #[repr(C)]
 pub struct UpstreamRuntime {
     candidates: Box<[Candidate]>,
-    /// Smooth weighted round robin: the current weight of each server, one record per
-    /// worker (as nginx keeps one per worker process), so workers never share it.
-    rr_current: Box<[RrShard]>,
+    /// One line per worker (as nginx keeps its round-robin state per worker process),
+    /// so workers never share it: smooth-WRR current weights, counter addresses.
+    lines: Box<[WorkerLine]>,
     /// Raised by the servers' records when one may stop taking requests.
     alarm: Arc<Alarm>,
     pub balance: Balance,
@@ -185,15 +209,11 @@ impl UpstreamRuntime {
     pub fn build(spec: Arc<Upstream>, previous: Option<&UpstreamRuntime>) -> UpstreamRuntime {
         let shards = crate::stats::shard_count();
         let prev_rr: Option<Vec<Vec<i64>>> = previous.map(|p| {
-            p.rr_current
+            p.lines
                 .iter()
                 .map(|m| {
                     let mut w = m.0.lock();
-                    w.as_mut_slice()
-                        .iter()
-                        .take(p.servers.len())
-                        .copied()
-                        .collect()
+                    w.current().iter().take(p.servers.len()).copied().collect()
                 })
                 .collect()
         });
@@ -284,9 +304,9 @@ impl UpstreamRuntime {
             .collect();
         UpstreamRuntime {
             candidates,
-            rr_current: rr
+            lines: rr
                 .into_iter()
-                .map(|w| RrShard(Mutex::new(RrWeights::new(w))))
+                .map(|w| WorkerLine(Mutex::new(LineState::new(w))))
                 .collect(),
             alarm,
             balance: spec.balance,
@@ -305,6 +325,22 @@ impl UpstreamRuntime {
     /// What a request needs of server `i` (stats record, pool key).
     pub fn candidate(&self, i: usize) -> &Candidate {
         &self.candidates[i]
+    }
+
+    /// The calling worker's counters for server `i`, from the worker's line (the
+    /// server's `ServerStats` is read only the first time).
+    pub fn shard(&self, i: usize) -> Arc<Shard> {
+        let k = crate::stats::current_shard();
+        let stats = &self.candidates[i].stats;
+        let Some(line) = self.lines.get(k % self.lines.len().max(1)) else {
+            return stats.shard_at(k).clone();
+        };
+        let mut line = line.0.lock();
+        match line.shards().get_mut(i) {
+            Some(Some(shard)) => shard.clone(),
+            Some(slot) => slot.insert(stats.shard_at(k).clone()).clone(),
+            None => stats.shard_at(k).clone(),
+        }
     }
 
     /// Takes new requests: admin state `up`, the registry's verdict (registry-fed), not
@@ -395,9 +431,9 @@ impl UpstreamRuntime {
     }
 
     fn swrr(&self, now: u64, ok: impl Fn(usize) -> bool) -> Option<usize> {
-        let shard = crate::stats::current_shard() % self.rr_current.len().max(1);
-        let mut weights = self.rr_current.get(shard)?.0.lock();
-        let current = weights.as_mut_slice();
+        let shard = crate::stats::current_shard() % self.lines.len().max(1);
+        let mut line = self.lines.get(shard)?.0.lock();
+        let current = line.current();
         let mut total: i64 = 0;
         let mut best: Option<usize> = None;
         for i in 0..self.candidates.len().min(current.len()) {
@@ -597,6 +633,11 @@ impl Snapshot {
     /// The upstream a route leads to, if it exists.
     pub fn upstream_for(&self, route: &RouteEntry) -> Option<&Arc<UpstreamRuntime>> {
         self.resolved.get(route.upstream_slot as usize)?.as_ref()
+    }
+
+    /// The upstream of upstream slot `slot` (`RouteEntry::upstream_slot`), if it exists.
+    pub fn upstream_at(&self, slot: u32) -> Option<&Arc<UpstreamRuntime>> {
+        self.resolved.get(slot as usize)?.as_ref()
     }
 }
 

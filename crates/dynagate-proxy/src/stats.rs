@@ -6,7 +6,9 @@
 
 use parking_lot::Mutex;
 use std::cell::Cell;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -39,18 +41,130 @@ pub fn current_shard() -> usize {
 }
 
 /// One worker's share of a server's per-request counters, in one record of its own
-/// (two cache-line pairs): what a request writes at its start (in-flight, requests) and
-/// its end (status class of its route, latency) sits together, and no other worker
-/// writes these lines.
-#[derive(Debug, Default)]
-#[repr(C, align(128))]
+/// (no other worker writes these lines). Reached from a request through its worker's
+/// balancer line (`UpstreamRuntime::shard`), so the server's `ServerStats` is not read on
+/// the way. Laid out so that what a request writes when its answer is a 2xx in under a
+/// millisecond (the usual case) is in the first line together with the reference
+/// count: in-flight, requests, the first route's 2xx count, the latency sum and the
+/// first latency bucket. Other classes and buckets follow; further routes sit in a
+/// table behind a lock.
+#[derive(Debug)]
+#[repr(C)]
 pub struct Shard {
     in_flight: AtomicI64,
     requests: AtomicU64,
+    /// The first route counted here (`NO_ROUTE` until one is): its counts are inline.
+    first: AtomicU32,
+    /// A failure may have left the server's passive-health or outlier counters above 0:
+    /// the next success on this worker resets them (see `success`). Set by every
+    /// failure on every shard of the server, and on a new shard.
+    fails_pending: AtomicBool,
+    first_2xx: AtomicU64,
     latency_sum_us: AtomicU64,
-    /// Responses by route and status class.
+    /// Responses within `LATENCY_BOUNDS_MS[0]`.
+    latency_first: AtomicU64,
+    // The first 64 bytes of the `Arc` allocation end here.
+    /// The first route's 1xx, 3xx, 4xx, 5xx counts.
+    first_other: [AtomicU64; 4],
+    /// The other latency buckets (bound 1 on, then +Inf).
+    latency_rest: [AtomicU64; LATENCY_BOUNDS_MS.len()],
+    /// Responses of routes after the first, by route and status class.
     by_route: Mutex<RouteCounters>,
-    latency_buckets: [AtomicU64; LATENCY_BOUNDS_MS.len() + 1],
+    /// Rounds the `Arc` allocation up to 256 bytes (its size class), so the allocator
+    /// (jemalloc) places it on a 256-byte boundary and the first line is the one above.
+    _pad: [u64; 1],
+}
+
+// The reference count (16 bytes) and the record fill one 256-byte size class exactly.
+#[cfg(target_pointer_width = "64")]
+const _: () = assert!(std::mem::size_of::<Shard>() + 16 == 256);
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard {
+            in_flight: AtomicI64::new(0),
+            requests: AtomicU64::new(0),
+            first: AtomicU32::new(NO_ROUTE),
+            // Failures may have been counted before this worker's record existed.
+            fails_pending: AtomicBool::new(true),
+            first_2xx: AtomicU64::new(0),
+            latency_sum_us: AtomicU64::new(0),
+            latency_first: AtomicU64::new(0),
+            first_other: Default::default(),
+            latency_rest: Default::default(),
+            by_route: Mutex::new(RouteCounters::default()),
+            _pad: [0],
+        }
+    }
+}
+
+impl Shard {
+    /// Records one response: status class by route and latency (the EWMA is the
+    /// server's, see `ServerStats::observe_ewma`).
+    pub fn record_response(&self, route: RouteNo, status: u16, elapsed_us: u64) {
+        let class = ((status / 100).clamp(1, 5) - 1) as usize;
+        let mut first = self.first.load(Ordering::Relaxed);
+        if first == NO_ROUTE {
+            first = match self.first.compare_exchange(
+                NO_ROUTE,
+                route,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => route,
+                Err(now) => now,
+            };
+        }
+        if first == route {
+            let counter = match class {
+                1 => &self.first_2xx,
+                0 => &self.first_other[0],
+                c => &self.first_other[c - 1],
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.by_route.lock().row(route)[class] += 1;
+        }
+        let ms = elapsed_us as f64 / 1000.0;
+        let bucket = LATENCY_BOUNDS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .unwrap_or(LATENCY_BOUNDS_MS.len());
+        match bucket {
+            0 => &self.latency_first,
+            b => &self.latency_rest[b - 1],
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add(elapsed_us, Ordering::Relaxed);
+    }
+
+    /// A success (a non-5xx answer): resets the server's passive-health and outlier
+    /// counters if a failure may have left them above 0, reading `stats` only then.
+    pub fn success(&self, stats: &ServerStats) {
+        if self.fails_pending.load(Ordering::Acquire) {
+            self.fails_pending.store(false, Ordering::Relaxed);
+            stats.record_success();
+        }
+    }
+
+    fn latency_bucket(&self, i: usize) -> u64 {
+        match i {
+            0 => &self.latency_first,
+            b => &self.latency_rest[b - 1],
+        }
+        .load(Ordering::Relaxed)
+    }
+
+    /// The first route's counts by class (1xx..5xx).
+    fn first_counts(&self) -> Option<(RouteNo, ClassCounts)> {
+        let no = self.first.load(Ordering::Relaxed);
+        if no == NO_ROUTE {
+            return None;
+        }
+        let o = |i: usize| self.first_other[i].load(Ordering::Relaxed);
+        let two = self.first_2xx.load(Ordering::Relaxed);
+        Some((no, [o(0), two, o(1), o(2), o(3)]))
+    }
 }
 
 /// A route's number: stable for its id for the life of the process (see `route_number`).
@@ -102,27 +216,14 @@ pub fn route_name(no: RouteNo) -> Arc<str> {
         .unwrap_or_else(|| Arc::from(""))
 }
 
-/// Status-class counters by route number. The first route seen (for most servers the
-/// only one) is kept inline; more go to an open-addressing table with the counts in the
+/// Status-class counters by route number for the routes after a shard's first (which
+/// is counted inline in the `Shard`): an open-addressing table with the counts in the
 /// slot, so a response costs one probe of one line, however many routes share the server.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct RouteCounters {
-    first: RouteNo,
-    first_counts: ClassCounts,
     /// Power-of-two slots (or none), at most half full; `NO_ROUTE` marks a free slot.
     table: Vec<(RouteNo, ClassCounts)>,
     len: usize,
-}
-
-impl Default for RouteCounters {
-    fn default() -> Self {
-        RouteCounters {
-            first: NO_ROUTE,
-            first_counts: [0; 5],
-            table: Vec::new(),
-            len: 0,
-        }
-    }
 }
 
 fn route_slot(no: RouteNo, mask: usize) -> usize {
@@ -131,13 +232,6 @@ fn route_slot(no: RouteNo, mask: usize) -> usize {
 
 impl RouteCounters {
     fn row(&mut self, no: RouteNo) -> &mut ClassCounts {
-        if self.first == no {
-            return &mut self.first_counts;
-        }
-        if self.first == NO_ROUTE {
-            self.first = no;
-            return &mut self.first_counts;
-        }
         if (self.len + 1) * 2 > self.table.len() {
             self.grow();
         }
@@ -171,13 +265,10 @@ impl RouteCounters {
     }
 
     fn rows(&self) -> impl Iterator<Item = (RouteNo, &ClassCounts)> {
-        let first = (self.first != NO_ROUTE).then_some((self.first, &self.first_counts));
-        first.into_iter().chain(
-            self.table
-                .iter()
-                .filter(|(no, _)| *no != NO_ROUTE)
-                .map(|(no, c)| (*no, c)),
-        )
+        self.table
+            .iter()
+            .filter(|(no, _)| *no != NO_ROUTE)
+            .map(|(no, c)| (*no, c))
     }
 }
 
@@ -279,8 +370,8 @@ pub struct ServerStats {
     // Outlier detection.
     consecutive_failures: AtomicU32,
     /// Per-worker counters, each allocated when its worker first serves this server.
-    shards: [OnceLock<Box<Shard>>; INLINE_SHARDS],
-    more_shards: Box<[OnceLock<Box<Shard>>]>,
+    shards: [OnceLock<Arc<Shard>>; INLINE_SHARDS],
+    more_shards: Box<[OnceLock<Arc<Shard>>]>,
     /// Shared by the servers of one upstream (see `Alarm`).
     alarm: Arc<Alarm>,
 
@@ -353,20 +444,21 @@ impl ServerStats {
         &self.alarm
     }
 
-    fn shard_at(&self, i: usize) -> &Shard {
+    /// Worker `i`'s counters (shard `i`), made when first asked for.
+    pub fn shard_at(&self, i: usize) -> &Arc<Shard> {
         let slot = match self.shards.get(i) {
             Some(slot) => slot,
             None if self.more_shards.is_empty() => &self.shards[i % INLINE_SHARDS],
             None => &self.more_shards[(i - INLINE_SHARDS) % self.more_shards.len()],
         };
-        slot.get_or_init(Box::default)
+        slot.get_or_init(Arc::default)
     }
 
     fn shards(&self) -> impl Iterator<Item = &Shard> {
         self.shards
             .iter()
             .chain(self.more_shards.iter())
-            .filter_map(|s| s.get().map(|b| &**b))
+            .filter_map(|s| s.get().map(|a| &**a))
     }
 
     /// Requests being served now.
@@ -388,8 +480,8 @@ impl ServerStats {
     pub fn latency_counts(&self) -> Vec<u64> {
         let mut counts = vec![0; LATENCY_BOUNDS_MS.len() + 1];
         for s in self.shards() {
-            for (c, b) in counts.iter_mut().zip(&s.latency_buckets) {
-                *c += b.load(Ordering::Relaxed);
+            for (i, c) in counts.iter_mut().enumerate() {
+                *c += s.latency_bucket(i);
             }
         }
         counts
@@ -405,11 +497,17 @@ impl ServerStats {
     pub fn by_route(&self) -> Vec<(Arc<str>, ClassCounts)> {
         let mut totals: std::collections::BTreeMap<RouteNo, ClassCounts> = Default::default();
         for s in self.shards() {
-            for (route, counts) in s.by_route.lock().rows() {
+            let mut add = |route: RouteNo, counts: &ClassCounts| {
                 let total = totals.entry(route).or_default();
                 for (t, c) in total.iter_mut().zip(counts) {
                     *t += c;
                 }
+            };
+            if let Some((route, counts)) = s.first_counts() {
+                add(route, &counts);
+            }
+            for (route, counts) in s.by_route.lock().rows() {
+                add(route, counts);
             }
         }
         totals
@@ -494,6 +592,7 @@ impl ServerStats {
             self.window_fails.store(0, Ordering::Relaxed);
         }
         let fails = self.window_fails.fetch_add(1, Ordering::Relaxed) + 1;
+        self.fails_pending();
         if fails >= max_fails {
             self.window_fails.store(0, Ordering::Relaxed);
             self.skip_until_ms
@@ -505,6 +604,16 @@ impl ServerStats {
         }
     }
 
+    /// Tells every worker's shard that the next success must reset the failure counters
+    /// (after they were raised: a success that sees the flag sees the counts).
+    fn fails_pending(&self) {
+        for s in self.shards() {
+            s.fails_pending.store(true, Ordering::Release);
+        }
+    }
+
+    /// Resets the passive-health window and the outlier streak. The data plane calls it
+    /// through `Shard::success`, which skips it while no failure was counted.
     pub fn record_success(&self) {
         if self.window_fails.load(Ordering::Relaxed) != 0 {
             self.window_fails.store(0, Ordering::Relaxed);
@@ -516,7 +625,9 @@ impl ServerStats {
 
     /// Counts one more consecutive failure for outlier detection and returns the count.
     pub fn outlier_failure(&self) -> u32 {
-        self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
+        let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        self.fails_pending();
+        n
     }
 
     /// Ejects the server; the time grows with each ejection since it last stayed in
@@ -543,21 +654,16 @@ impl ServerStats {
     /// (only `p2c_ewma` reads it: other upstreams skip its clock read and shared write;
     /// an upstream switched to it starts from the first response's latency).
     pub fn record_response(&self, route: RouteNo, status: u16, elapsed_us: u64, ewma: bool) {
-        let class = ((status / 100).clamp(1, 5) - 1) as usize;
-        let shard = self.shard_at(current_shard());
-        shard.by_route.lock().row(route)[class] += 1;
-        let ms = elapsed_us as f64 / 1000.0;
-        let bucket = LATENCY_BOUNDS_MS
-            .iter()
-            .position(|b| ms <= *b)
-            .unwrap_or(LATENCY_BOUNDS_MS.len());
-        shard.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        shard
-            .latency_sum_us
-            .fetch_add(elapsed_us, Ordering::Relaxed);
+        self.shard_at(current_shard())
+            .record_response(route, status, elapsed_us);
         if ewma {
-            self.observe_latency(elapsed_us as f64);
+            self.observe_ewma(elapsed_us);
         }
+    }
+
+    /// Feeds the peak-EWMA of response-head latency (`p2c_ewma` upstreams only).
+    pub fn observe_ewma(&self, elapsed_us: u64) {
+        self.observe_latency(elapsed_us as f64);
     }
 
     /// Responses by status class over all routes.
@@ -600,32 +706,34 @@ impl ServerStats {
     }
 }
 
-/// Counts a request as in flight on a server until dropped (on the shard it started on).
+/// Counts a request as in flight on a server until dropped (on the shard it started
+/// on), and gives its response the same shard to count in.
 #[derive(Debug)]
 pub struct InFlight {
-    stats: Arc<ServerStats>,
-    shard: usize,
+    shard: Arc<Shard>,
 }
 
 impl InFlight {
-    pub fn start(stats: &Arc<ServerStats>) -> Self {
-        let shard = current_shard();
-        let s = stats.shard_at(shard);
-        s.in_flight.fetch_add(1, Ordering::Relaxed);
-        s.requests.fetch_add(1, Ordering::Relaxed);
-        InFlight {
-            stats: stats.clone(),
-            shard,
-        }
+    /// On the calling worker's shard of `stats`.
+    pub fn start(stats: &ServerStats) -> Self {
+        InFlight::on(stats.shard_at(current_shard()).clone())
+    }
+
+    /// On `shard` (the calling worker's, as `UpstreamRuntime::shard` gives it).
+    pub fn on(shard: Arc<Shard>) -> Self {
+        shard.in_flight.fetch_add(1, Ordering::Relaxed);
+        shard.requests.fetch_add(1, Ordering::Relaxed);
+        InFlight { shard }
+    }
+
+    pub fn shard(&self) -> &Shard {
+        &self.shard
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.stats
-            .shard_at(self.shard)
-            .in_flight
-            .fetch_sub(1, Ordering::Relaxed);
+        self.shard.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -734,6 +842,39 @@ mod tests {
         assert_eq!(s.latency_sum_us(), 6000 * 500);
         let rows = s.by_route();
         assert_eq!(rows, vec![(route_name(route), [0, 5400, 0, 0, 600])]);
+    }
+
+    #[test]
+    fn a_success_resets_failure_counts_through_any_shard() {
+        let s = ServerStats::default();
+        let (one, two) = (s.shard_at(1).clone(), s.shard_at(2).clone());
+        // New shards reset once: failures may have been counted before they existed.
+        one.success(&s);
+        two.success(&s);
+        assert!(!one.fails_pending.load(Ordering::Relaxed));
+        // Two of three allowed failures, then a success on another worker's shard.
+        s.record_failure(3, 60_000);
+        s.record_failure(3, 60_000);
+        two.success(&s);
+        s.record_failure(3, 60_000);
+        s.record_failure(3, 60_000);
+        assert!(
+            !s.passive_skipped(mono_ms()),
+            "the success reset the window"
+        );
+        // No success in between: the third failure skips the server.
+        s.record_failure(3, 60_000);
+        assert!(s.passive_skipped(mono_ms()));
+        // Outlier streaks too; a shard made after the failures resets them as well.
+        assert_eq!(s.outlier_failure(), 1);
+        assert_eq!(s.outlier_failure(), 2);
+        one.success(&s);
+        assert_eq!(s.outlier_failure(), 1);
+        s.shard_at(0).success(&s);
+        assert_eq!(s.outlier_failure(), 1);
+        // Without a failure since, a success does not touch the record.
+        one.success(&s);
+        assert!(!one.fails_pending.load(Ordering::Relaxed));
     }
 
     #[test]

@@ -62,6 +62,10 @@ struct Ctx<'a> {
     start: Instant,
     /// The route's number (for its counters), once routed.
     route: RouteNo,
+    /// The upstream's read timeout and idle connections kept per server, once routed:
+    /// read with the rest of its first lines, not again when the response comes.
+    read_timeout: Duration,
+    keepalive: u32,
     log: Option<Entry>,
     info: Info,
 }
@@ -81,6 +85,8 @@ pub async fn proxy(conn: &mut ClientConn, shared: &Shared, head: RequestHead) ->
         shared,
         start: Instant::now(),
         route: RouteNo::MAX,
+        read_timeout: Duration::ZERO,
+        keepalive: 0,
         log: worker
             .access_log
             .as_ref()
@@ -110,21 +116,26 @@ pub async fn proxy(conn: &mut ClientConn, shared: &Shared, head: RequestHead) ->
         .unwrap_or("");
     let host = normalize_host(host_raw);
     let path = head.path(buf);
-    let Some(route) = snapshot.routes.find(&host, path, method) else {
+    let Some(route) = snapshot.routes.find_hit(&host, path, method) else {
         worker.counters.no_route.fetch_add(1, Ordering::Relaxed);
         let msg = format!("dynagate: no route for host {:?} path {:?}", &*host, path);
         let close = info.body != BodyKind::Empty;
         return simple(conn, &mut ctx, 404, &msg, close).await;
     };
     ctx.route = route.no;
-    let Some(upstream) = snapshot.upstream_for(route).cloned() else {
-        let msg = format!("dynagate: upstream {:?} does not exist", route.upstream);
+    let Some(upstream) = snapshot.upstream_at(route.upstream_slot).cloned() else {
+        let msg = format!(
+            "dynagate: upstream {:?} does not exist",
+            route.entry.upstream
+        );
         let close = info.body != BodyKind::Empty;
         return simple(conn, &mut ctx, 503, &msg, close).await;
     };
+    ctx.read_timeout = upstream.read_timeout;
+    ctx.keepalive = upstream.keepalive;
     if let Some(entry) = ctx.log.as_mut() {
-        entry.route = Some(route.id.clone());
-        entry.upstream = Some(route.upstream.clone());
+        entry.route = Some(route.entry.id.clone());
+        entry.upstream = Some(route.entry.upstream.clone());
     }
     // `hashes` first: only consistent-hash upstreams read their spec here.
     let hash_key = upstream.hashes.then_some(&upstream.spec.hash_key);
@@ -157,7 +168,7 @@ pub async fn proxy(conn: &mut ClientConn, shared: &Shared, head: RequestHead) ->
         &mut up_head,
         &UpstreamHeadCtx {
             client_ip: std::str::from_utf8(&ip[..ip_len]).unwrap_or("unknown"),
-            upstream_host: route.upstream_host_value.as_ref().map(|v| v.as_bytes()),
+            upstream_host: route.upstream_host().map(|v| v.as_bytes()),
             upgrade,
         },
     );
@@ -342,6 +353,9 @@ async fn send(
     let mut stale = 0;
     let max_attempts = (upstream.retries as usize + 1).min(crate::proxy::MAX_ATTEMPTS);
     let mut last_failure: Option<(usize, Failure)> = None;
+    // Read now, with the rest of the runtime's first lines: not again after the wait.
+    let ewma = upstream.balance == Balance::P2cEwma;
+    let read_timeout = ctx.read_timeout;
 
     while tried.len() < max_attempts {
         // 4. select
@@ -360,7 +374,7 @@ async fn send(
         let sent_at = Instant::now();
         // Counted from selection on, so concurrent selections (least_conn, local_first
         // saturation) see a request that is still connecting.
-        let in_flight = InFlight::start(&server.stats);
+        let in_flight = InFlight::on(upstream.shard(index));
         let (up, reused) = match worker.h1_pool.take(&server.key) {
             Some(c) => (c, true),
             None => {
@@ -383,7 +397,7 @@ async fn send(
             }
         };
         let attempt = if buffered {
-            send_buffered(conn, ctx, up, &up_head, reused, upstream.read_timeout).await
+            send_buffered(conn, ctx, up, &up_head, reused, read_timeout).await
         } else {
             // Boxed: the usual request does not carry this larger state.
             Box::pin(send_streaming(
@@ -392,25 +406,22 @@ async fn send(
                 up,
                 &up_head,
                 reused,
-                upstream.read_timeout,
+                read_timeout,
             ))
             .await
         };
         match attempt {
             Attempt::Sent(sent) => {
                 let elapsed = sent_at.elapsed();
-                let status = sent.head.status;
-                server.stats.record_response(
+                answered(
+                    upstream,
+                    index,
+                    &in_flight,
                     ctx.route,
-                    status,
-                    elapsed.as_micros() as u64,
-                    upstream.balance == Balance::P2cEwma,
+                    sent.head.status,
+                    elapsed,
+                    ewma,
                 );
-                if status >= 500 {
-                    upstream.record_outlier_failure(index);
-                } else {
-                    server.stats.record_success();
-                }
                 // 6. respond
                 return respond(conn, ctx, upstream, server, sent, in_flight, elapsed).await;
             }
@@ -449,6 +460,32 @@ async fn send(
         conn.pos += n as usize;
     }
     simple(conn, ctx, status.as_u16(), &message, !buffered).await
+}
+
+/// Counts an answer from server `index`: on the worker's shard (the one `in_flight`
+/// counts on), the EWMA only for `p2c_ewma`; a 5xx is an outlier signal, anything else
+/// a success (which reads the server's record only if a failure was counted).
+fn answered(
+    upstream: &UpstreamRuntime,
+    index: usize,
+    in_flight: &InFlight,
+    route: RouteNo,
+    status: u16,
+    elapsed: Duration,
+    ewma: bool,
+) {
+    let elapsed_us = elapsed.as_micros() as u64;
+    let shard = in_flight.shard();
+    shard.record_response(route, status, elapsed_us);
+    let stats = &upstream.candidate(index).stats;
+    if ewma {
+        stats.observe_ewma(elapsed_us);
+    }
+    if status >= 500 {
+        upstream.record_outlier_failure(index);
+    } else {
+        shard.success(stats);
+    }
 }
 
 /// The head and a body already read, in one write; then the response head.
@@ -623,7 +660,7 @@ async fn respond(
         out,
         kind,
         framing,
-        upstream.read_timeout,
+        ctx.read_timeout,
     )
     .await;
     let (sent_bytes, next) = match result {
@@ -641,7 +678,7 @@ async fn respond(
                 ctx.shared
                     .worker
                     .h1_pool
-                    .checkin(&server.key, up, upstream.keepalive as usize);
+                    .checkin(&server.key, up, ctx.keepalive as usize);
             }
             (n, if close { Next::Close } else { Next::KeepAlive })
         }
@@ -698,7 +735,7 @@ async fn upgrade(
         };
         let server = upstream.candidate(index);
         let sent_at = Instant::now();
-        let in_flight = InFlight::start(&server.stats);
+        let in_flight = InFlight::on(upstream.shard(index));
         let stream = match connect_tcp(&upstream.servers[index].target, spec.connect_timeout).await
         {
             Ok(s) => s,
@@ -741,13 +778,13 @@ async fn upgrade(
             }
         };
         let elapsed = sent_at.elapsed();
-        server.stats.record_response(
-            ctx.route,
-            head.status,
-            elapsed.as_micros() as u64,
-            upstream.balance == Balance::P2cEwma,
-        );
-        server.stats.record_success();
+        // Any answer to an upgrade counts as a success (no outlier signal).
+        let shard = in_flight.shard();
+        shard.record_response(ctx.route, head.status, elapsed.as_micros() as u64);
+        if upstream.balance == Balance::P2cEwma {
+            server.stats.observe_ewma(elapsed.as_micros() as u64);
+        }
+        shard.success(&server.stats);
         if head.status != 101 {
             // No switch: an ordinary response, and the client connection stays HTTP.
             let sent = Sent {
