@@ -14,7 +14,8 @@
 //! writes the same bytes to every parked socket of it in one loop. Connection tasks are
 //! told only after the loop, so the clients' next requests are read once every answer is
 //! out, and the registry's own tasks (a write's acknowledgement, other requests) keep
-//! running meanwhile.
+//! running meanwhile. A large pass shares its writes with helper threads ([`Batch`]):
+//! each send's kernel work is paid by the sending thread, ~10 µs per answer on loopback.
 
 use crate::api::http1::{Conn, Variant};
 use crate::api::Resp;
