@@ -73,6 +73,7 @@ PARTS = set(p for p in os.environ.get("BENCH_FIG8_PARTS", ",".join(sorted(ALL_PA
 ALL_LAYOUTS = ("unpinned", "pinned")
 LAYOUTS = [x for x in os.environ.get("BENCH_FIG8_LAYOUTS", ",".join(ALL_LAYOUTS)).split(",") if x]
 WATCHER_NICE = int(os.environ.get("BENCH_WATCHER_NICE", "0"))
+ALL_CPUS = f"0-{NCPU - 1}"
 # With BENCH_FIG8_PERF=<dir>: `perf record -g` of dynagate during each watcher layout's
 # answer rounds, written to <dir>/perf-<layout>.data (diagnosis only).
 PERF_DIR = os.environ.get("BENCH_FIG8_PERF")
@@ -509,7 +510,11 @@ def watcher_rounds(dg, layout, rounds, gzip=True, cpus="pinned"):
     setup_s = time.perf_counter() - t0
     time.sleep(1)
     rss_waiting = rss_kib(dg.pids())
-    log(f"  {tag}: {w.open} watchers waiting (set up in {setup_s:.1f}s); RSS "
+    try:
+        dg_cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(dg.proc.pid)))
+    except OSError:
+        dg_cpus = "?"
+    log(f"  {tag}: dynagate on cpus {dg_cpus}; {w.open} watchers waiting (set up in {setup_s:.1f}s); RSS "
         f"{rss_before / 1024:.1f} -> {rss_waiting / 1024:.1f} MiB; fds {fds_before} -> "
         f"{fd_count(dg.proc.pid)}")
     perf = None
@@ -844,7 +849,9 @@ def main():
                 if part not in PARTS:
                     continue
                 dg.stop()
-                dg.cpus = PROXY_CPU if cpus == "pinned" else None
+                # Explicitly every core when unpinned: a child inherits this process's
+                # affinity, which is the load core from here on.
+                dg.cpus = PROXY_CPU if cpus == "pinned" else (ALL_CPUS if LOAD_CPU else None)
                 t = time.perf_counter()
                 dg.start()
                 wait_port(dg.registry_port, 60)
