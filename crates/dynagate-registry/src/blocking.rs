@@ -14,7 +14,8 @@
 //! writes the same bytes to every parked socket of it in one loop. Connection tasks are
 //! told only after the loop, so the clients' next requests are read once every answer is
 //! out, and the registry's own tasks (a write's acknowledgement, other requests) keep
-//! running meanwhile.
+//! running meanwhile. A large pass shares its writes with helper threads ([`Batch`]):
+//! each send's kernel work is paid by the sending thread, ~10 µs per answer on loopback.
 
 use crate::api::http1::{Conn, Variant};
 use crate::api::Resp;
@@ -23,10 +24,10 @@ use crate::{ApiError, Registry, RegistryOptions};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::time::Duration;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct BlockingQuery {
@@ -284,6 +285,11 @@ struct Group {
 pub(crate) struct Fanout {
     groups: Mutex<HashMap<Arc<str>, Group>>,
     next_id: AtomicU64,
+    /// The fan-out helper threads' queues, started on the first pass large enough to
+    /// use them (empty when the registry has none: `fanout_threads = 0`).
+    helpers: OnceLock<Vec<mpsc::Sender<Arc<Batch>>>>,
+    /// Answers written by the helper threads since start (for metrics).
+    pub(crate) helper_answers: AtomicU64,
 }
 
 impl Fanout {
@@ -320,8 +326,36 @@ impl Fanout {
         removed
     }
 
+    /// The helper threads' queues, started on first use.
+    fn helpers(&self, threads: usize) -> &[mpsc::Sender<Arc<Batch>>] {
+        self.helpers.get_or_init(|| {
+            let mut queues = Vec::with_capacity(threads);
+            for i in 0..threads {
+                let (tx, rx) = mpsc::channel::<Arc<Batch>>();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("dynagate-fanout-{i}"))
+                    .spawn(move || {
+                        // Ends when the registry (and with it every sender) goes.
+                        while let Ok(batch) = rx.recv() {
+                            batch.work(true);
+                        }
+                    });
+                match spawned {
+                    Ok(_) => queues.push(tx),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "registry fan-out helper thread not started");
+                        break;
+                    }
+                }
+            }
+            queues
+        })
+    }
+
     /// Answers every parked query whose read moved past its index. Runs on the
-    /// registry's runtime and yields to its other tasks every [`FANOUT_CHUNK`] answers.
+    /// registry's runtime and yields to its other tasks every [`FANOUT_CHUNK`] answers it
+    /// writes itself; a pass of at least `fanout_parallel_min` answers shares the writes
+    /// with the helper threads ([`Batch`]).
     pub(crate) async fn pass(&self, reg: &Registry) {
         let candidates: Vec<(Arc<str>, Arc<View>, u64)> = {
             let groups = self.groups.lock();
@@ -347,8 +381,8 @@ impl Fanout {
                 }
             }
         }
-        let mut done = Vec::new();
-        let mut written_since_yield = 0;
+        let mut items = Vec::new();
+        let mut dones = Vec::new();
         for (key, idx, prepared) in ready {
             let taken: Vec<Waiter> = {
                 let mut groups = self.groups.lock();
@@ -369,39 +403,139 @@ impl Fanout {
                 }
                 taken
             };
+            // The same bytes for every waiter of one variant (usually all of them).
+            let mut wires: Vec<(Variant, Bytes)> = Vec::new();
             for w in taken {
-                w.conn.taken.store(true, Ordering::Release);
-                let wire = reg.wire(&prepared, w.variant);
-                let (written, failed) = match w.conn.stream.try_write(&wire) {
-                    Ok(n) => (n, false),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => (0, false),
-                    Err(_) => (0, true),
+                let wire = match wires.iter().find(|(v, _)| *v == w.variant) {
+                    Some((_, b)) => b.clone(),
+                    None => {
+                        let b = reg.wire(&prepared, w.variant);
+                        wires.push((w.variant, b.clone()));
+                        b
+                    }
                 };
-                done.push((
-                    w.done,
-                    Delivered {
-                        wire,
-                        written,
-                        failed,
-                    },
-                ));
-                written_since_yield += 1;
-                if written_since_yield == FANOUT_CHUNK {
-                    written_since_yield = 0;
-                    tokio::task::yield_now().await;
-                }
+                items.push((w.conn, wire));
+                dones.push(w.done);
             }
         }
+        if items.is_empty() {
+            return;
+        }
+        let batch = Arc::new(Batch::new(items));
+        if batch.items.len() >= reg.opts.fanout_parallel_min.max(1) {
+            for h in self.helpers(reg.opts.fanout_threads) {
+                let _ = h.send(batch.clone());
+            }
+        }
+        // This thread's share, yielding to the registry's other tasks as it goes.
+        let mut written_since_yield = 0;
+        while let Some(run) = batch.claim() {
+            written_since_yield += run.len();
+            batch.write(run, false);
+            if written_since_yield >= FANOUT_CHUNK {
+                written_since_yield = 0;
+                tokio::task::yield_now().await;
+            }
+        }
+        // The helpers' last runs.
+        while batch.remaining.load(Ordering::Acquire) != 0 {
+            batch.all_done.notified().await;
+        }
+        self.helper_answers.fetch_add(
+            batch.by_helpers.load(Ordering::Relaxed) as u64,
+            Ordering::Relaxed,
+        );
         // Only now do the connections go on (and read their clients' next requests).
-        for (tx, d) in done {
-            let _ = tx.send(d);
+        for (i, tx) in dones.into_iter().enumerate() {
+            let written = batch.written[i].load(Ordering::Relaxed);
+            let failed = written == WRITE_FAILED;
+            let _ = tx.send(Delivered {
+                wire: batch.items[i].1.clone(),
+                written: if failed { 0 } else { written },
+                failed,
+            });
         }
     }
 }
 
-/// Answers written between two yields of a fan-out pass: other requests (a write's
-/// acknowledgement, a health check) wait at most this many answers (~1 ms here), while
-/// the answered connections are told only at the end of the pass.
+/// The answers of one pass: each parked socket with the bytes it gets. The registry
+/// thread and, for a large pass, the helper threads claim runs of [`CLAIM_RUN`] of them
+/// until none is left, so whoever has a core writes; a helper that wakes late finds
+/// less (or nothing) to do. Each write is one non-blocking `try_write` (a tokio
+/// `TcpStream`'s, which only reads and updates its registration's readiness bits: it
+/// is safe from a thread outside the runtime); whatever does not fit is written by the
+/// connection's own task afterwards, as before.
+pub(crate) struct Batch {
+    items: Vec<(Arc<Conn>, Bytes)>,
+    /// Bytes written per answer, or [`WRITE_FAILED`].
+    written: Vec<AtomicUsize>,
+    /// Start of the next unclaimed run.
+    next: AtomicUsize,
+    /// Answers not written yet (claimed or not).
+    remaining: AtomicUsize,
+    /// Told when a helper writes the last answer.
+    all_done: Notify,
+    /// Answers written by helpers.
+    by_helpers: AtomicUsize,
+}
+
+/// A write that failed (the connection is gone).
+const WRITE_FAILED: usize = usize::MAX;
+
+/// Answers claimed at a time from a [`Batch`].
+const CLAIM_RUN: usize = 32;
+
+impl Batch {
+    fn new(items: Vec<(Arc<Conn>, Bytes)>) -> Batch {
+        let n = items.len();
+        Batch {
+            written: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+            items,
+            next: AtomicUsize::new(0),
+            remaining: AtomicUsize::new(n),
+            all_done: Notify::new(),
+            by_helpers: AtomicUsize::new(0),
+        }
+    }
+
+    /// The next run of answers to write, if any is left.
+    fn claim(&self) -> Option<std::ops::Range<usize>> {
+        let start = self.next.fetch_add(CLAIM_RUN, Ordering::Relaxed);
+        (start < self.items.len()).then(|| start..(start + CLAIM_RUN).min(self.items.len()))
+    }
+
+    /// Writes a claimed run; true when it was the last one to finish.
+    fn write(&self, run: std::ops::Range<usize>, helper: bool) -> bool {
+        let n = run.len();
+        for i in run {
+            let (conn, wire) = &self.items[i];
+            conn.taken.store(true, Ordering::Release);
+            let written = match conn.stream.try_write(wire) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                Err(_) => WRITE_FAILED,
+            };
+            self.written[i].store(written, Ordering::Relaxed);
+        }
+        if helper {
+            self.by_helpers.fetch_add(n, Ordering::Relaxed);
+        }
+        self.remaining.fetch_sub(n, Ordering::AcqRel) == n
+    }
+
+    /// A helper's part: runs until none is left.
+    fn work(&self, helper: bool) {
+        while let Some(run) = self.claim() {
+            if self.write(run, helper) {
+                self.all_done.notify_one();
+            }
+        }
+    }
+}
+
+/// Answers the registry thread writes between two yields of a fan-out pass: other
+/// requests (a write's acknowledgement, a health check) wait at most this many answers
+/// (~1 ms here), while the answered connections are told only at the end of the pass.
 const FANOUT_CHUNK: usize = 128;
 
 /// Runs a fan-out pass after every registry change while queries are parked. Inline on

@@ -65,7 +65,25 @@ pub struct RegistryOptions {
     pub max_wait: Duration,
     /// Concurrent HTTP connections served; more wait in the listen backlog.
     pub max_connections: usize,
+    /// Threads that help the registry's thread write the answers of a large fan-out
+    /// pass (0: it writes them alone). Default: [`default_fanout_threads`].
+    pub fanout_threads: usize,
+    /// A pass answering at least this many blocking queries shares its writes with the
+    /// fan-out threads; smaller ones are written by the registry's thread alone.
+    pub fanout_parallel_min: usize,
 }
+
+/// Fan-out helper threads by default: one fewer than the cores this process may run on,
+/// at most 3 (0 on one core). See [`RegistryOptions::fanout_threads`].
+pub fn default_fanout_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4)
+        - 1
+}
+
+/// Most fan-out helper threads accepted.
+pub const MAX_FANOUT_THREADS: usize = 64;
 
 impl Default for RegistryOptions {
     fn default() -> Self {
@@ -81,6 +99,8 @@ impl Default for RegistryOptions {
             default_wait: Duration::from_secs(300),
             max_wait: Duration::from_secs(600),
             max_connections: 16_384,
+            fanout_threads: default_fanout_threads(),
+            fanout_parallel_min: 256,
         }
     }
 }
@@ -179,6 +199,8 @@ pub struct RegistryStats {
     /// Blocking queries waiting now.
     pub watchers: usize,
     pub index: u64,
+    /// Blocking-query answers written by the fan-out helper threads since start.
+    pub fanout_helper_answers: u64,
 }
 
 impl Registry {
@@ -199,6 +221,7 @@ impl Registry {
     ) -> Result<Arc<Registry>, RegistryError> {
         options.check_concurrency = options.check_concurrency.max(1);
         options.max_connections = options.max_connections.max(1);
+        options.fanout_threads = options.fanout_threads.min(MAX_FANOUT_THREADS);
         let stored = store.load()?;
         let mut node_id = stored
             .meta
@@ -256,6 +279,7 @@ impl Registry {
             kv_keys: st.kv.len(),
             watchers: self.watchers.load(Ordering::Relaxed),
             index: st.index,
+            fanout_helper_answers: self.fanout.helper_answers.load(Ordering::Relaxed),
         }
     }
 

@@ -74,6 +74,10 @@ pub struct RunArgs {
     /// Token the service registry requires for writes
     #[arg(long, env = "DYNAGATE_REGISTRY_TOKEN", hide_env_values = true)]
     registry_token: Option<String>,
+    /// Threads helping the registry answer many blocking queries at once (0: none)
+    /// [default: cores - 1, at most 3]
+    #[arg(long, env = "DYNAGATE_REGISTRY_FANOUT_THREADS")]
+    registry_fanout_threads: Option<usize>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -120,6 +124,9 @@ impl RunArgs {
         }
         if let Some(v) = &self.registry_token {
             s.registry.token = Some(v.clone());
+        }
+        if let Some(v) = self.registry_fanout_threads {
+            s.registry.fanout_threads = Some(v);
         }
         s.validate()?;
         Ok(s)

@@ -86,6 +86,10 @@ pub fn run(settings: Settings) -> Result<(), String> {
             let options = dynagate_registry::RegistryOptions {
                 token: settings.registry.token.clone(),
                 acl_reads: settings.registry.acl_reads,
+                fanout_threads: settings
+                    .registry
+                    .fanout_threads
+                    .unwrap_or_else(dynagate_registry::default_fanout_threads),
                 ..Default::default()
             };
             let registry = dynagate_registry::Registry::open(data_dir, options)
@@ -240,6 +244,12 @@ async fn wait_for_signal() {
 fn registry_metrics(registry: &dynagate_registry::Registry, out: &mut String) {
     use std::fmt::Write;
     let s = registry.stats();
+    let name = "dynagate_registry_fanout_helper_answers_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Blocking-query answers written by the registry's fan-out helper threads.\n# TYPE {name} counter\n{name} {}",
+        s.fanout_helper_answers
+    );
     for (name, help, value) in [
         (
             "dynagate_registry_services",

@@ -48,6 +48,9 @@ pub struct RegistrySettings {
     pub token: Option<String>,
     /// With a token: reads need it too.
     pub acl_reads: bool,
+    /// Threads that help the registry's thread answer thousands of blocking queries at
+    /// once (0: none). Unset: one fewer than the cores, at most 3.
+    pub fanout_threads: Option<usize>,
 }
 
 impl Default for RegistrySettings {
@@ -56,6 +59,7 @@ impl Default for RegistrySettings {
             enabled: true,
             token: None,
             acl_reads: false,
+            fanout_threads: None,
         }
     }
 }
@@ -170,6 +174,14 @@ impl Settings {
                 return Err("registry.token: must be at least 16 characters".into());
             }
         }
+        if let Some(n) = self.registry.fanout_threads {
+            let max = dynagate_registry::MAX_FANOUT_THREADS;
+            if n > max {
+                return Err(format!(
+                    "registry.fanout_threads: {n} is out of range 0-{max}"
+                ));
+            }
+        }
         if let Some(a) = &self.access_log {
             if a.path.is_empty() {
                 return Err("access_log.path: must be `stdout` or a file path".into());
@@ -206,5 +218,13 @@ mod tests {
             ..Settings::default()
         };
         assert!(s.validate().unwrap_err().contains("workers"));
+        let s: Settings = toml::from_str("[registry]\nfanout_threads = 0\n").unwrap();
+        assert_eq!(s.registry.fanout_threads, Some(0));
+        assert!(s.validate().is_ok());
+        let s: Settings = toml::from_str("[registry]\nfanout_threads = 65\n").unwrap();
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .contains("registry.fanout_threads"));
     }
 }
