@@ -337,7 +337,12 @@ impl Fanout {
                     .spawn(move || {
                         // Ends when the registry (and with it every sender) goes.
                         while let Ok(batch) = rx.recv() {
-                            batch.work(true);
+                            // A panic costs this batch's unwritten answers a trip through
+                            // their connections' tasks, not the helper.
+                            let work = std::panic::AssertUnwindSafe(|| batch.work(true));
+                            if std::panic::catch_unwind(work).is_err() {
+                                tracing::error!("registry fan-out helper panicked; going on");
+                            }
                         }
                     });
                 match spawned {
@@ -504,9 +509,17 @@ impl Batch {
         (start < self.items.len()).then(|| start..(start + CLAIM_RUN).min(self.items.len()))
     }
 
-    /// Writes a claimed run; true when it was the last one to finish.
-    fn write(&self, run: std::ops::Range<usize>, helper: bool) -> bool {
-        let n = run.len();
+    /// Writes a claimed run. Its answers are counted off even if a write panics, and
+    /// the last run to finish tells the pass, so a pass never waits for a helper forever
+    /// (an answer left unwritten is written by its connection's task, as a partial one).
+    fn write(&self, run: std::ops::Range<usize>, helper: bool) {
+        let _counted = CountOff {
+            batch: self,
+            n: run.len(),
+        };
+        if helper {
+            self.by_helpers.fetch_add(run.len(), Ordering::Relaxed);
+        }
         for i in run {
             let (conn, wire) = &self.items[i];
             conn.taken.store(true, Ordering::Release);
@@ -517,18 +530,26 @@ impl Batch {
             };
             self.written[i].store(written, Ordering::Relaxed);
         }
-        if helper {
-            self.by_helpers.fetch_add(n, Ordering::Relaxed);
-        }
-        self.remaining.fetch_sub(n, Ordering::AcqRel) == n
     }
 
     /// A helper's part: runs until none is left.
     fn work(&self, helper: bool) {
         while let Some(run) = self.claim() {
-            if self.write(run, helper) {
-                self.all_done.notify_one();
-            }
+            self.write(run, helper);
+        }
+    }
+}
+
+/// Counts a claimed run off a [`Batch`] when dropped (also when a write panicked).
+struct CountOff<'a> {
+    batch: &'a Batch,
+    n: usize,
+}
+
+impl Drop for CountOff<'_> {
+    fn drop(&mut self) {
+        if self.batch.remaining.fetch_sub(self.n, Ordering::AcqRel) == self.n {
+            self.batch.all_done.notify_one();
         }
     }
 }
@@ -594,5 +615,29 @@ mod tests {
             assert!(jitter(w) <= Duration::from_secs(1));
         }
         assert_eq!(jitter(Duration::from_nanos(10)), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn a_run_that_panics_is_still_counted_off_and_tells_the_pass() {
+        let batch = Batch::new(Vec::new());
+        batch.remaining.store(3 + 2, Ordering::Relaxed);
+        // Another thread's run ends normally, then one panics mid-way.
+        drop(CountOff {
+            batch: &batch,
+            n: 3,
+        });
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _counted = CountOff {
+                batch: &batch,
+                n: 2,
+            };
+            panic!("a write panicked");
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(batch.remaining.load(Ordering::Acquire), 0);
+        // The pass, waiting for the last run, is told.
+        tokio::time::timeout(Duration::from_secs(1), batch.all_done.notified())
+            .await
+            .expect("the pass is told when the last run ends, even by a panic");
     }
 }
