@@ -1574,14 +1574,21 @@ mod tests {
     }
 
     /// Makes the slot's check due now and turns the engine until it has finished.
-    fn check_now(e: &mut Engine, idx: usize) -> Outcome {
+    /// Makes the checks of `idxs` due now (the next turn starts them).
+    fn due_now(e: &mut Engine, idxs: impl IntoIterator<Item = usize>) {
         e.set_now(Instant::now());
         let now = e.now_ns;
-        let slot = e.slot(idx);
-        let before = slot.checks;
-        slot.due_at = now;
-        let gen = slot.gen;
-        e.due.insert(now, idx as u32, gen);
+        for idx in idxs {
+            let slot = e.slot(idx);
+            slot.due_at = now;
+            let gen = slot.gen;
+            e.due.insert(now, idx as u32, gen);
+        }
+    }
+
+    fn check_now(e: &mut Engine, idx: usize) -> Outcome {
+        let before = e.slot(idx).checks;
+        due_now(e, [idx]);
         let until = Instant::now() + Duration::from_secs(10);
         loop {
             e.turn(Instant::now());
@@ -1802,14 +1809,7 @@ mod tests {
         // Another check meanwhile is not held up by a hung one.
         e.slot(idx).check.timeout = Duration::from_secs(60);
         let before = e.slot(idx).checks;
-        e.set_now(Instant::now());
-        let now = e.now_ns;
-        for i in [idx, good_idx] {
-            let s = e.slot(i);
-            s.due_at = now;
-            let gen = s.gen;
-            e.due.insert(now, i as u32, gen);
-        }
+        due_now(&mut e, [idx, good_idx]);
         turn_until(&mut e, |e| !e.inflight.is_empty());
         assert_eq!(e.inflight.len(), 2);
         assert_eq!(check_now(&mut e, good_idx), Outcome::Http(200));
@@ -1836,14 +1836,7 @@ mod tests {
                 Target::Addr(addr),
             );
         }
-        e.set_now(Instant::now());
-        let now = e.now_ns;
-        for i in 0..3 {
-            let s = e.slot(i);
-            s.due_at = now;
-            let gen = s.gen;
-            e.due.insert(now, i as u32, gen);
-        }
+        due_now(&mut e, 0..3);
         turn_until(&mut e, |e| !e.inflight.is_empty());
         assert_eq!(e.inflight.len(), 1);
         assert_eq!(e.queued.len(), 2);
@@ -1957,11 +1950,7 @@ mod tests {
         // A check that panics is logged and started again.
         let idx = e.by_upstream["u"]["127.0.0.1:9"];
         e.slot(idx).panic_next = true;
-        e.set_now(Instant::now());
-        let now = e.now_ns;
-        let gen = e.slot(idx).gen;
-        e.slot(idx).due_at = now;
-        e.due.insert(now, idx as u32, gen);
+        due_now(&mut e, [idx]);
         turn_until(&mut e, |e| !e.slot(idx).panic_next);
         assert_eq!(e.slot(idx).checks, 0, "crashed");
         assert!(e.inflight.is_empty());
