@@ -3,6 +3,7 @@
 //! - `control`: the one door for state changes (validate → store → publish)
 //! - `runtime`: the published snapshot and live per-server state
 //! - `routing`: the route table
+//! - `uri`:     request-target checks: path normalisation, Host validation
 //! - `h1`:      the HTTP/1 path: own codec, request lifecycle, connection loop
 //! - `proxy`:   the request lifecycle over hyper (HTTP/2 clients)
 //! - `pool`, `body`: upstream connections and streaming bodies
@@ -21,6 +22,7 @@ pub mod routing;
 pub mod runtime;
 pub mod server;
 pub mod stats;
+pub mod uri;
 
 pub use control::{ControlError, Controller, Outcome, ServerStatus, UpstreamStatus};
 pub use server::{start, ProxyHandle, ProxyOptions};
