@@ -143,6 +143,27 @@ mod tests {
     }
 
     #[test]
+    fn route_json_without_forward_original_path_loads_as_false() {
+        // A route stored before the field existed.
+        let old =
+            r#"{"id":"r","hosts":["a.example"],"path_prefix":"/api","methods":[],"upstream":"u"}"#;
+        let r: Route = serde_json::from_str(old).unwrap();
+        assert!(!r.forward_original_path);
+        assert_eq!(r, Route::new("r", &["a.example"], "/api", "u"));
+        // Off is not written, so stored JSON stays as it was.
+        assert!(!serde_json::to_string(&r)
+            .unwrap()
+            .contains("forward_original_path"));
+        let on = Route {
+            forward_original_path: true,
+            ..r
+        };
+        let text = serde_json::to_string(&on).unwrap();
+        assert!(text.contains(r#""forward_original_path":true"#), "{text}");
+        assert_eq!(serde_json::from_str::<Route>(&text).unwrap(), on);
+    }
+
+    #[test]
     fn tcp_handshake_defaults_to_half_open_and_only_fits_tcp_checks() {
         let up = |check: &str| -> Upstream {
             serde_json::from_str(&format!(

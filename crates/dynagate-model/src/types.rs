@@ -368,6 +368,10 @@ pub struct Route {
     /// Host header sent upstream instead of the client's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_host: Option<String>,
+    /// Forward the client's original path bytes instead of the normalised path (for
+    /// backends that need the exact encoding). Routing always uses the normalised path.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forward_original_path: bool,
 }
 
 pub fn default_path_prefix() -> String {
@@ -383,6 +387,7 @@ impl Route {
             methods: Vec::new(),
             upstream: upstream.into(),
             upstream_host: None,
+            forward_original_path: false,
         }
     }
 }

@@ -31,6 +31,9 @@ pub struct RouteEntry {
     methods: Box<[Box<str>]>,
     /// `upstream_host` ready to send.
     pub upstream_host_value: Option<Box<http::HeaderValue>>,
+    /// The route's `forward_original_path`: send the client's path bytes upstream, not
+    /// the normalised path routing used.
+    pub forward_original_path: bool,
     // The first 64 bytes end here.
     /// Only when the prefix is longer than `INLINE_PREFIX`.
     prefix_long: Option<Box<str>>,
@@ -38,6 +41,9 @@ pub struct RouteEntry {
     pub upstream: Arc<str>,
     pub route: Arc<Route>,
 }
+
+// What proxying reads of a matched entry stays in its first cache line.
+const _: () = assert!(std::mem::offset_of!(RouteEntry, forward_original_path) < 64);
 
 impl RouteEntry {
     fn new(route: &Arc<Route>, upstream_slot: u32) -> Self {
@@ -65,6 +71,7 @@ impl RouteEntry {
                 .as_deref()
                 .and_then(|h| http::HeaderValue::from_str(h).ok())
                 .map(Box::new),
+            forward_original_path: route.forward_original_path,
             id: Arc::from(route.id.as_str()),
             upstream: Arc::from(route.upstream.as_str()),
             route: route.clone(),
@@ -90,9 +97,13 @@ impl RouteEntry {
 
     /// What a host slot may say for this entry when it is its host's first candidate:
     /// `PLAIN_ANY` / `PLAIN_ROOT` when it matches any method and any path (any path
-    /// starting with `/`) and sets no upstream Host, so a request needs nothing else of it.
+    /// starting with `/`), sets no upstream Host and forwards the normalised path, so a
+    /// request needs nothing else of it.
     fn plain_flags(&self) -> u16 {
-        if !self.methods.is_empty() || self.upstream_host_value.is_some() {
+        if !self.methods.is_empty()
+            || self.upstream_host_value.is_some()
+            || self.forward_original_path
+        {
             return 0;
         }
         match self.path_prefix() {
@@ -110,7 +121,8 @@ pub struct Hit<'a> {
     pub no: RouteNo,
     pub upstream_slot: u32,
     pub entry: &'a RouteEntry,
-    /// The entry sets no upstream Host (known from the host slot).
+    /// The entry sets no upstream Host and forwards the normalised path (known from the
+    /// host slot).
     plain: bool,
 }
 
@@ -131,10 +143,16 @@ impl<'a> Hit<'a> {
         }
         self.entry.upstream_host_value.as_deref()
     }
+
+    /// Whether the route forwards the client's original path (`forward_original_path`).
+    pub fn forward_original_path(&self) -> bool {
+        !self.plain && self.entry.forward_original_path
+    }
 }
 
 /// Host slot flags: the first candidate matches every method and path (`PLAIN_ANY`) or
-/// every path starting with `/` (`PLAIN_ROOT`), and sets no upstream Host.
+/// every path starting with `/` (`PLAIN_ROOT`), sets no upstream Host and does not
+/// forward the original path.
 const PLAIN_ANY: u16 = 1;
 const PLAIN_ROOT: u16 = 2;
 
@@ -647,6 +665,22 @@ mod tests {
             hit("rw.example", "/", "GET").unwrap().upstream_slot,
             hit("a.example", "/", "GET").unwrap().upstream_slot
         );
+    }
+
+    #[test]
+    fn forward_original_path_is_on_the_entry_and_never_plain() {
+        let mut raw = Route::new("raw", &["raw.example"], "/", "u");
+        raw.forward_original_path = true;
+        let routes = [Arc::new(raw), r("plain", &["plain.example"], "/", &[])];
+        let t = RouteTable::build(routes.iter());
+        let hit = t.find_hit("raw.example", "/x", "GET").unwrap();
+        assert!(hit.entry.forward_original_path);
+        assert!(!hit.plain);
+        assert!(hit.forward_original_path());
+        let hit = t.find_hit("plain.example", "/x", "GET").unwrap();
+        assert!(!hit.entry.forward_original_path);
+        assert!(hit.plain);
+        assert!(!hit.forward_original_path());
     }
 
     #[test]

@@ -207,9 +207,14 @@ enum RouteCmd {
         /// Host header to send upstream instead of the client's
         #[arg(long, value_name = "H")]
         upstream_host: Option<String>,
+        /// Send the client's original path bytes upstream instead of the normalised
+        /// path (routing still uses the normalised path)
+        #[arg(long)]
+        forward_original_path: bool,
         /// Route JSON (`-` reads standard input)
         #[arg(long, value_name = "F.json",
-              conflicts_with_all = ["upstream", "hosts", "path_prefix", "methods", "upstream_host"])]
+              conflicts_with_all = ["upstream", "hosts", "path_prefix", "methods", "upstream_host",
+                                    "forward_original_path"])]
         file: Option<PathBuf>,
     },
     /// Delete a route
@@ -552,6 +557,7 @@ impl Ctx<'_> {
                 path_prefix,
                 methods,
                 upstream_host,
+                forward_original_path,
                 file,
             } => {
                 let body = match file {
@@ -564,6 +570,9 @@ impl Ctx<'_> {
                         }
                         if let Some(h) = upstream_host {
                             body["upstream_host"] = json!(h);
+                        }
+                        if *forward_original_path {
+                            body["forward_original_path"] = json!(true);
                         }
                         body
                     }
@@ -1055,14 +1064,28 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match parse("ctl route put r1 --upstream shop --host a.example.com --host b.example.com --method GET --path-prefix /api").unwrap().command {
-            CtlCommand::Route(RouteCmd::Put { hosts, methods, path_prefix, upstream, .. }) => {
+            CtlCommand::Route(RouteCmd::Put { hosts, methods, path_prefix, upstream, forward_original_path, .. }) => {
                 assert_eq!(hosts, ["a.example.com", "b.example.com"]);
                 assert_eq!(methods, ["GET"]);
                 assert_eq!(path_prefix.as_deref(), Some("/api"));
                 assert_eq!(upstream.as_deref(), Some("shop"));
+                assert!(!forward_original_path);
             }
             other => panic!("{other:?}"),
         }
+        match parse("ctl route put r1 --upstream shop --forward-original-path")
+            .unwrap()
+            .command
+        {
+            CtlCommand::Route(RouteCmd::Put {
+                forward_original_path,
+                ..
+            }) => {
+                assert!(forward_original_path)
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse("ctl route put r1 --file r.json --forward-original-path").is_err());
         assert!(matches!(
             parse("ctl revisions --limit 5").unwrap().command,
             CtlCommand::Revisions { limit: Some(5) }
