@@ -17,6 +17,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// Default request body limit: none, as APISIX and Kong (`client_max_body_size 0`) —
+/// a gateway carries uploads of any size; `[limits] max_body_bytes` sets one.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 0;
+
 #[derive(Debug, Clone)]
 pub struct ProxyOptions {
     pub listen: SocketAddr,
@@ -26,6 +30,10 @@ pub struct ProxyOptions {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_headers: usize,
+    /// Largest request body accepted (413 above); 0 = no limit.
+    pub max_body_bytes: u64,
+    /// Forward request header names containing `_` (dropped by default, as nginx does).
+    pub underscores_in_headers: bool,
     pub h2_max_concurrent_streams: u32,
     pub access_log: Option<Arc<AccessLog>>,
     /// Shared with the metrics endpoint.
@@ -40,6 +48,8 @@ impl Default for ProxyOptions {
             header_read_timeout: Duration::from_secs(30),
             max_header_bytes: 64 * 1024,
             max_headers: 100,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            underscores_in_headers: false,
             h2_max_concurrent_streams: 128,
             access_log: None,
             counters: Arc::default(),
@@ -158,6 +168,8 @@ async fn serve(
             max_header_bytes: options.max_header_bytes,
             max_headers: options.max_headers,
             body_read_timeout: BODY_READ_TIMEOUT,
+            max_body_bytes: options.max_body_bytes,
+            underscores_in_headers: options.underscores_in_headers,
         },
         drain: Arc::new(Drain::default()),
         h2: http2_builder(&options),

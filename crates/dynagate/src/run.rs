@@ -136,6 +136,8 @@ pub fn run(settings: Settings) -> Result<(), String> {
             header_read_timeout: settings.limits.header_read_timeout,
             max_header_bytes: settings.limits.max_header_bytes,
             max_headers: settings.limits.max_headers,
+            max_body_bytes: settings.limits.max_body_bytes,
+            underscores_in_headers: settings.limits.underscores_in_headers,
             h2_max_concurrent_streams: settings.limits.h2_max_concurrent_streams,
             access_log,
             counters: controller.counters.clone(),

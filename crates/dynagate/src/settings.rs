@@ -87,6 +87,11 @@ pub struct Limits {
     pub max_headers: usize,
     /// HTTP/2 concurrent streams per client connection.
     pub h2_max_concurrent_streams: u32,
+    /// Largest request body, in bytes (413 above); 0 = no limit.
+    pub max_body_bytes: u64,
+    /// Forward request header names containing `_` (dropped by default, as nginx's
+    /// `underscores_in_headers off`: CGI-style origins read them as `-`).
+    pub underscores_in_headers: bool,
 }
 
 impl Default for Settings {
@@ -117,6 +122,8 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             h2_max_concurrent_streams: 128,
+            max_body_bytes: dynagate_proxy::server::DEFAULT_MAX_BODY_BYTES,
+            underscores_in_headers: false,
         }
     }
 }

@@ -235,7 +235,17 @@ async fn one(conn: &mut ClientConn, shared: &Shared, deadline: Instant, first: b
 /// `None` when the head is not complete yet.
 async fn parse_and_serve(conn: &mut ClientConn, shared: &Shared) -> Option<Next> {
     match RequestHead::parse(&conn.buf, shared.options.max_headers) {
-        Ok(Parsed::Complete(head)) => Some(exchange::proxy(conn, shared, head).await),
+        Ok(Parsed::Complete(head)) => {
+            let next = exchange::proxy(conn, shared, head).await;
+            // A kept connection goes on after the request it answered; anything else
+            // would answer the same bytes again, forever. (A body read from the socket
+            // leaves `buf` holding only what came after it, from `pos` on.)
+            if matches!(next, Next::KeepAlive) && conn.pos == 0 && !conn.buf.is_empty() {
+                debug_assert!(false, "request answered without being consumed");
+                return Some(Next::Close);
+            }
+            Some(next)
+        }
         Ok(Parsed::Partial) => None,
         Err(e) => {
             shared

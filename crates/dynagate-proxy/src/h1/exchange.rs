@@ -21,7 +21,7 @@ use super::head::{
     write_simple, ClientConnection, HeadError, OutFraming, Parsed, RequestHead, ResponseHead,
     UpstreamHeadCtx,
 };
-use super::io::{pump, read_more, PumpError, UpConn};
+use super::io::{pump, read_more, BodyCopy, PumpError, UpConn};
 use super::Shared;
 use crate::access_log::Entry;
 use crate::body::PendingLog;
@@ -43,6 +43,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 const RESPONSE_HEAD_BUF: usize = 2048;
 /// Largest response head accepted from an upstream.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Interim (1xx) answers accepted before the final one: an upstream cannot keep a client
+/// busy forever with 100s.
+const MAX_INTERIM: usize = 16;
 /// Upstream read buffers larger than this are released before the connection idles.
 const KEEP_UPSTREAM_BUF: usize = 8 * 1024;
 
@@ -94,32 +97,46 @@ pub async fn proxy(conn: &mut ClientConn, shared: &Shared, head: RequestHead) ->
         info,
     };
 
-    // 1. screen
-    if let Err(why) = head.screen() {
-        worker.counters.bad_request.fetch_add(1, Ordering::Relaxed);
-        return simple(conn, &mut ctx, 400, why, true).await;
-    }
+    // The request is consumed from here on: whatever is answered, the connection goes
+    // on at the byte after it (its body is skipped or forwarded) or closes.
+    conn.pos = head.len;
 
-    // RFC 9112 §3.2: an HTTP/1.1 request without Host (and without an absolute-form
-    // target naming one) is refused, as nginx does, rather than routed as host "".
-    let host_raw = head.host(buf);
-    if host_raw.is_none() && head.minor_version >= 1 {
+    // 1. screen
+    if let Err(refusal) = head.screen(buf) {
         worker.counters.bad_request.fetch_add(1, Ordering::Relaxed);
-        let why = "dynagate: bad request: HTTP/1.1 request without Host";
-        return simple(conn, &mut ctx, 400, why, true).await;
+        let why = refusal_message(refusal.status, refusal.why);
+        return simple(conn, &mut ctx, refusal.status, &why, true).await;
+    }
+    let path = head.path(buf);
+    let normal_path = match crate::uri::normalize_path(path) {
+        Ok(p) => p,
+        Err(why) => {
+            worker.counters.bad_request.fetch_add(1, Ordering::Relaxed);
+            let why = refusal_message(400, why);
+            return simple(conn, &mut ctx, 400, &why, true).await;
+        }
+    };
+    let max_body = shared.options.max_body_bytes;
+    if max_body > 0 && head.content_length().is_some_and(|n| n > max_body) {
+        worker.counters.bad_request.fetch_add(1, Ordering::Relaxed);
+        let why = format!("dynagate: request body larger than {max_body} bytes");
+        return simple(conn, &mut ctx, 413, &why, true).await;
     }
 
     // 2. route
     let snapshot = worker.snapshots.load();
-    let host_raw = host_raw
+    let host_raw = head
+        .host(buf)
         .and_then(|h| std::str::from_utf8(h).ok())
         .unwrap_or("");
     let host = normalize_host(host_raw);
-    let path = head.path(buf);
-    let Some(route) = snapshot.routes.find_hit(&host, path, method) else {
+    let Some(route) = snapshot.routes.find_hit(&host, &normal_path, method) else {
         worker.counters.no_route.fetch_add(1, Ordering::Relaxed);
-        let msg = format!("dynagate: no route for host {:?} path {:?}", &*host, path);
-        let close = info.body != BodyKind::Empty;
+        let msg = format!(
+            "dynagate: no route for host {:?} path {:?}",
+            &*host, &*normal_path
+        );
+        let close = !skip_body(conn, info.body);
         return simple(conn, &mut ctx, 404, &msg, close).await;
     };
     ctx.route = route.no;
@@ -128,7 +145,7 @@ pub async fn proxy(conn: &mut ClientConn, shared: &Shared, head: RequestHead) ->
             "dynagate: upstream {:?} does not exist",
             route.entry.upstream
         );
-        let close = info.body != BodyKind::Empty;
+        let close = !skip_body(conn, info.body);
         return simple(conn, &mut ctx, 503, &msg, close).await;
     };
     ctx.read_timeout = upstream.read_timeout;
@@ -163,6 +180,10 @@ pub async fn proxy(conn: &mut ClientConn, shared: &Shared, head: RequestHead) ->
         48 - w.len()
     };
     let mut up_head = Vec::with_capacity(head.len + 192);
+    let forwarded_path = match &normal_path {
+        std::borrow::Cow::Owned(p) if !route.forward_original_path() => Some(p.as_str()),
+        _ => None,
+    };
     head.write_upstream(
         buf,
         &mut up_head,
@@ -170,16 +191,41 @@ pub async fn proxy(conn: &mut ClientConn, shared: &Shared, head: RequestHead) ->
             client_ip: std::str::from_utf8(&ip[..ip_len]).unwrap_or("unknown"),
             upstream_host: route.upstream_host().map(|v| v.as_bytes()),
             upgrade,
+            path: forwarded_path,
+            underscores: shared.options.underscores_in_headers,
         },
     );
     drop(host);
     drop(snapshot);
-    conn.pos = head.len;
 
     if upgrade {
         return Box::pin(self::upgrade(conn, &mut ctx, &upstream, up_head)).await;
     }
     send(conn, &mut ctx, &upstream, hash, up_head).await
+}
+
+/// The text of an answer refusing a request.
+fn refusal_message(status: u16, why: &str) -> String {
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("refused")
+        .to_ascii_lowercase();
+    format!("dynagate: {reason}: {why}")
+}
+
+/// Skips a request body already read whole, so the connection can go on after an answer
+/// that did not need it; false when (part of) the body is still to come and could not
+/// be told from the next request: the connection must close.
+fn skip_body(conn: &mut ClientConn, body: BodyKind) -> bool {
+    match body {
+        BodyKind::Empty => true,
+        BodyKind::Length(n) if (conn.buf.len() - conn.pos) as u64 >= n => {
+            conn.pos += n as usize;
+            true
+        }
+        _ => false,
+    }
 }
 
 fn is_idempotent_str(method: &str) -> bool {
@@ -267,12 +313,21 @@ where
 {
     let deadline = Instant::now() + timeout;
     let mut got_any = false;
+    let mut interim = 0;
     loop {
         if !buf.is_empty() {
             match ResponseHead::parse(buf) {
                 Ok(Parsed::Complete(head)) if head.is_interim() => {
+                    interim += 1;
+                    if interim > MAX_INTERIM {
+                        return Err(HeadFail::Bad("too many interim (1xx) responses".into()));
+                    }
                     if forward_interim {
-                        let _ = client.write_all(&buf[..head.len]).await;
+                        // Rewritten as a final head is: nothing hop-by-hop passes.
+                        let mut out = Vec::with_capacity(head.len);
+                        let (same, default) = (OutFraming::Same, ClientConnection::Default);
+                        head.write_client(buf, &mut out, false, same, default);
+                        let _ = client.write_all(&out).await;
                     }
                     buf.drain(..head.len);
                     continue;
@@ -329,6 +384,8 @@ enum Attempt {
     ClientGone,
     /// The client's chunked body is malformed: it gets a 400 naming it.
     BadBody(String),
+    /// The client's chunked body passed `max_body_bytes`: 413.
+    TooLarge(u64),
 }
 
 async fn send(
@@ -411,6 +468,16 @@ async fn send(
             .await
         };
         match attempt {
+            Attempt::Sent(sent) if sent.head.status == 101 => {
+                // A switch nobody asked for: the connection now speaks something else and
+                // must never go back to the pool.
+                drop(sent);
+                upstream.record_failure(index);
+                tried.push(index);
+                let why = "answered 101 Switching Protocols to a request that asked for no upgrade";
+                last_failure = Some((index, Failure::Upstream(why.into())));
+                break;
+            }
             Attempt::Sent(sent) => {
                 let elapsed = sent_at.elapsed();
                 answered(
@@ -451,15 +518,16 @@ async fn send(
                 let why = format!("dynagate: bad request: invalid chunked body: {e}");
                 return simple(conn, ctx, 400, &why, true).await;
             }
+            Attempt::TooLarge(limit) => {
+                worker.counters.bad_request.fetch_add(1, Ordering::Relaxed);
+                let why = format!("dynagate: request body larger than {limit} bytes");
+                return simple(conn, ctx, 413, &why, true).await;
+            }
         }
     }
     let (status, message) = unanswered(&worker.counters, upstream, last_failure, ctx.log.as_mut());
-    // A body already read is skipped so the connection can carry on; one still
-    // arriving cannot be told from the next request: close.
-    if let (true, BodyKind::Length(n)) = (buffered, info.body) {
-        conn.pos += n as usize;
-    }
-    simple(conn, ctx, status.as_u16(), &message, !buffered).await
+    let close = !skip_body(conn, info.body);
+    simple(conn, ctx, status.as_u16(), &message, close).await
 }
 
 /// Counts an answer from server `index`: on the worker's shard (the one `in_flight`
@@ -567,15 +635,22 @@ async fn send_streaming(
         let (mut client_r, mut client_w) = conn.stream.split();
         let UpConn { stream, buf } = &mut up;
         let (mut up_r, mut up_w) = stream.split();
+        let copy = BodyCopy {
+            kind: ctx.info.body,
+            framing: match ctx.info.body {
+                BodyKind::Chunked => OutFraming::Chunked,
+                _ => OutFraming::Same,
+            },
+            read_timeout: body_timeout,
+            limit: ctx.shared.options.max_body_bytes,
+        };
         let body = pump(
             &mut client_r,
             &mut conn.buf,
             &mut conn.pos,
             &mut up_w,
             Vec::new(),
-            ctx.info.body,
-            OutFraming::Same,
-            body_timeout,
+            copy,
         );
         let head = response_head(&mut up_r, buf, &mut client_w, forward, read_timeout);
         tokio::pin!(body, head);
@@ -589,6 +664,7 @@ async fn send_streaming(
                             return Attempt::ClientGone;
                         }
                         Err(PumpError::Framing(e)) => return Attempt::BadBody(e.clone()),
+                        Err(PumpError::TooLarge(limit)) => return Attempt::TooLarge(*limit),
                         _ => {}
                     }
                     body_done = Some(sent);
@@ -634,7 +710,7 @@ async fn respond(
             close = true;
             OutFraming::Raw
         }
-        (BodyKind::UntilClose, false) => OutFraming::Chunked,
+        (BodyKind::Chunked | BodyKind::UntilClose, false) => OutFraming::Chunked,
         (BodyKind::UntilClose, true) => {
             close = true;
             OutFraming::Same
@@ -649,18 +725,22 @@ async fn respond(
         ClientConnection::Default
     };
     let mut out = Vec::with_capacity(head.len + 64);
-    head.write_client(&up.buf, &mut out, framing, connection);
+    head.write_client(&up.buf, &mut out, info.is_head, framing, connection);
     let log = pending_log(ctx, server, head.status, upstream_time);
     let mut pos = head.len;
+    let copy = BodyCopy {
+        kind,
+        framing,
+        read_timeout: ctx.read_timeout,
+        limit: 0,
+    };
     let result = pump(
         &mut up.stream,
         &mut up.buf,
         &mut pos,
         &mut conn.stream,
         out,
-        kind,
-        framing,
-        ctx.read_timeout,
+        copy,
     )
     .await;
     let (sent_bytes, next) = match result {
@@ -682,6 +762,7 @@ async fn respond(
             }
             (n, if close { Next::Close } else { Next::KeepAlive })
         }
+        Err(PumpError::TooLarge(_)) => (0, Next::Close),
         Err(PumpError::Read(e) | PumpError::Framing(e)) => {
             server.stats.failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(upstream = %upstream.spec.name, server = %server.key, error = %e, "upstream body failed");
@@ -799,6 +880,7 @@ async fn upgrade(
         head.write_client(
             &up.buf,
             &mut out,
+            false,
             OutFraming::Same,
             ClientConnection::Upgrade,
         );
@@ -829,5 +911,6 @@ async fn upgrade(
         last_failure,
         ctx.log.as_mut(),
     );
-    simple(conn, ctx, status.as_u16(), &message, false).await
+    // What the client sends next may already be the new protocol's bytes, never a request.
+    simple(conn, ctx, status.as_u16(), &message, true).await
 }

@@ -1,5 +1,5 @@
-//! HTTP/1.1 message framing (RFC 9112 §6): how long a body is, and a chunked-coding
-//! scanner that finds where a chunked body ends without copying it.
+//! HTTP/1.1 message framing (RFC 9112 §6): how long a body is, a strict decoder of the
+//! chunked coding and the encoder that re-frames what it decoded.
 
 /// How the body of one message is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,50 +11,89 @@ pub enum BodyKind {
     UntilClose,
 }
 
-/// Longest chunk-size line (with extensions) and trailer section we accept.
-const MAX_LINE: usize = 4096;
+/// Longest chunk extension and trailer section we accept (nginx allows no trailers to
+/// reach the upstream either; it reads them and drops them).
+const MAX_EXTENSION: usize = 4096;
 const MAX_TRAILERS: usize = 16 * 1024;
+/// Hex digits of a chunk size, leading zeros included (the value itself is bounded by
+/// i64::MAX, as nginx bounds it by off_t).
+const MAX_SIZE_DIGITS: u32 = 64;
+
+/// What comes after `0\r\n\r\n`: nothing of a chunked body is forwarded as received.
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// Appends a chunk-size line for `len` bytes of data (lowercase hex, no extensions).
+pub fn push_chunk_size(out: &mut Vec<u8>, len: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    let mut n = len;
+    loop {
+        i -= 1;
+        digits[i] = HEX[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Size,
+    /// Whitespace after the size: only more of it or `;` may follow (RFC 9112 BWS).
+    SizeWs,
     Ext,
     SizeLf,
     Data,
     DataCr,
     DataLf,
     TrailerStart,
-    TrailerLine,
+    TrailerName,
+    TrailerValue,
     TrailerLf,
     EndLf,
     Done,
 }
 
-/// Walks a chunked body byte by byte (data runs at once). `feed` says how much of the
-/// input belongs to the body and hands out the data ranges, so a caller can pass the
-/// coding through verbatim or decode it.
+/// Decodes a chunked body strictly (RFC 9112 §7.1): CRLF only, hex sizes that fit an
+/// i64, extensions of visible characters, trailers that are valid header fields. It
+/// hands out the data runs, so the caller re-frames them; extensions and trailers are
+/// read and dropped, never forwarded.
 #[derive(Debug, Clone)]
-pub struct ChunkedScanner {
+pub struct ChunkedDecoder {
     state: State,
     size: u64,
     digits: u32,
-    line: usize,
+    extension: usize,
     trailers: usize,
 }
 
-impl Default for ChunkedScanner {
+impl Default for ChunkedDecoder {
     fn default() -> Self {
-        ChunkedScanner {
+        ChunkedDecoder {
             state: State::Size,
             size: 0,
             digits: 0,
-            line: 0,
+            extension: 0,
             trailers: 0,
         }
     }
 }
 
-impl ChunkedScanner {
+/// A token character (RFC 9110 §5.6.2), for trailer field names.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Visible characters, obs-text, space and tab: what a field value or an extension may hold.
+fn is_field_byte(b: u8) -> bool {
+    b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80
+}
+
+impl ChunkedDecoder {
     pub fn is_done(&self) -> bool {
         self.state == State::Done
     }
@@ -87,32 +126,38 @@ impl ChunkedScanner {
             self.state = match self.state {
                 State::Size => match b {
                     b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                        let d = (b as char).to_digit(16).unwrap_or(0) as u64;
-                        if self.digits >= 15 {
+                        if self.digits >= MAX_SIZE_DIGITS || self.size > (i64::MAX as u64) >> 4 {
                             return Err("chunk size too large");
                         }
+                        let d = (b as char).to_digit(16).unwrap_or(0) as u64;
                         self.digits += 1;
                         self.size = self.size * 16 + d;
                         State::Size
                     }
-                    b';' | b' ' | b'\t' if self.digits > 0 => State::Ext,
+                    b';' if self.digits > 0 => State::Ext,
+                    b' ' | b'\t' if self.digits > 0 => State::SizeWs,
                     b'\r' if self.digits > 0 => State::SizeLf,
                     _ => return Err("invalid chunk size line"),
                 },
+                State::SizeWs => match b {
+                    b' ' | b'\t' => State::SizeWs,
+                    b';' => State::Ext,
+                    _ => return Err("invalid chunk size line"),
+                },
                 State::Ext => {
-                    self.line += 1;
-                    if self.line > MAX_LINE {
+                    self.extension += 1;
+                    if self.extension > MAX_EXTENSION {
                         return Err("chunk extension too long");
                     }
                     match b {
                         b'\r' => State::SizeLf,
-                        b'\n' => return Err("invalid chunk size line"),
-                        _ => State::Ext,
+                        b if is_field_byte(b) => State::Ext,
+                        _ => return Err("invalid chunk extension"),
                     }
                 }
                 State::SizeLf => match b {
                     b'\n' => {
-                        self.line = 0;
+                        self.extension = 0;
                         self.digits = 0;
                         if self.size == 0 {
                             State::TrailerStart
@@ -128,19 +173,26 @@ impl ChunkedScanner {
                 },
                 State::DataLf => match b {
                     b'\n' => State::Size,
-                    _ => return Err("chunk data longer than its size"),
+                    _ => return Err("chunk data not followed by CRLF"),
                 },
                 State::TrailerStart => match b {
                     b'\r' => State::EndLf,
-                    _ => self.trailer_byte()?,
+                    b if is_tchar(b) => self.trailer_byte(State::TrailerName)?,
+                    _ => return Err("invalid trailer field"),
                 },
-                State::TrailerLine => match b {
+                State::TrailerName => match b {
+                    b':' => self.trailer_byte(State::TrailerValue)?,
+                    b if is_tchar(b) => self.trailer_byte(State::TrailerName)?,
+                    _ => return Err("invalid trailer field name"),
+                },
+                State::TrailerValue => match b {
                     b'\r' => State::TrailerLf,
-                    _ => self.trailer_byte()?,
+                    b if is_field_byte(b) => self.trailer_byte(State::TrailerValue)?,
+                    _ => return Err("invalid trailer field value"),
                 },
                 State::TrailerLf => match b {
                     b'\n' => State::TrailerStart,
-                    _ => return Err("invalid trailer line"),
+                    _ => return Err("invalid trailer line ending"),
                 },
                 State::EndLf => match b {
                     b'\n' => State::Done,
@@ -152,12 +204,12 @@ impl ChunkedScanner {
         Ok(i)
     }
 
-    fn trailer_byte(&mut self) -> Result<State, &'static str> {
+    fn trailer_byte(&mut self, next: State) -> Result<State, &'static str> {
         self.trailers += 1;
         if self.trailers > MAX_TRAILERS {
             return Err("trailer section too large");
         }
-        Ok(State::TrailerLine)
+        Ok(next)
     }
 }
 
@@ -166,7 +218,7 @@ mod tests {
     use super::*;
 
     fn scan_all(pieces: &[&[u8]]) -> Result<(Vec<u8>, usize, bool), &'static str> {
-        let mut s = ChunkedScanner::default();
+        let mut s = ChunkedDecoder::default();
         let mut data = Vec::new();
         let mut total = 0;
         for p in pieces {
@@ -192,11 +244,71 @@ mod tests {
 
     #[test]
     fn refuses_bad_framing() {
-        assert!(scan_all(&[b"zz\r\n"]).is_err());
-        assert!(scan_all(&[b"\r\n"]).is_err());
-        assert!(scan_all(&[b"3\r\nabcd\r\n"]).is_err());
-        assert!(scan_all(&[b"1234567890abcdef0\r\n"]).is_err());
-        assert!(scan_all(&[b"3\nabc"]).is_err());
+        for bad in [
+            &b"zz\r\n"[..],
+            b"\r\n",
+            b"3\r\nabcd\r\n",
+            b"8000000000000000\r\n",
+            b"3\nabc",
+            b"3\r\nabc\n0\r\n\r\n",
+            b"5 3\r\nhello\r\n",
+            b"5\r\r\nhello",
+            b"3;a=\x00\r\nabc\r\n",
+            b"3;a=\x0b\r\nabc\r\n",
+            b"-3\r\nabc\r\n",
+            b"0x3\r\nabc\r\n",
+            b"+3\r\nabc\r\n",
+            b"0\r\nX: a\n\r\n",
+            b"0\r\nX: a\r\n\n",
+            b"0\r\nX a\r\n\r\n",
+            b"0\r\n: a\r\n\r\n",
+            b"0\r\nX: \x00\r\n\r\n",
+            b"0\r\n X: a\r\n\r\n",
+            b"0\r\n\n",
+        ] {
+            assert!(
+                scan_all(&[bad]).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn accepts_what_rfc_9112_allows() {
+        for good in [
+            &b"3\r\nabc\r\n0\r\n\r\n"[..],
+            b"3;name=value\r\nabc\r\n0\r\n\r\n",
+            b"3 ;name=\"quoted value\"\r\nabc\r\n0\r\n\r\n",
+            b"0003\r\nabc\r\n0\r\n\r\n",
+            b"3\r\nabc\r\n0\r\nX-T: 1\r\nY:\r\n\r\n",
+            b"7fffffffffffffff\r\n",
+        ] {
+            assert!(
+                scan_all(&[good]).is_ok(),
+                "{:?}",
+                String::from_utf8_lossy(good)
+            );
+        }
+        assert!(scan_all(&[b"8000000000000000\r\n"]).is_err());
+    }
+
+    #[test]
+    fn encoded_chunks_decode_to_the_same_data() {
+        for len in [1usize, 9, 15, 16, 255, 4096, 65_537] {
+            let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let mut wire = Vec::new();
+            push_chunk_size(&mut wire, data.len());
+            wire.extend_from_slice(&data);
+            wire.extend_from_slice(b"\r\n");
+            wire.extend_from_slice(LAST_CHUNK);
+            let (decoded, used, done) = scan_all(&[&wire]).unwrap();
+            assert!(done && used == wire.len());
+            assert_eq!(decoded, data);
+        }
+        let mut line = Vec::new();
+        push_chunk_size(&mut line, 0xabc);
+        assert_eq!(line, b"abc\r\n");
     }
 
     #[test]

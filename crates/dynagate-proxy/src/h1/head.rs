@@ -61,11 +61,33 @@ fn is_hop_by_hop(name: &[u8]) -> bool {
         || is(name, "upgrade")
 }
 
+/// Headers a `Connection` token never removes: they frame the message or name its
+/// target, and dropping them on a peer's word is how `Connection: Content-Length`
+/// smuggled a body past the proxy. Such tokens are ignored.
+fn is_protected(name: &[u8]) -> bool {
+    is(name, "host") || is(name, "content-length") || is(name, "transfer-encoding")
+}
+
+/// 1*DIGIT no larger than i64::MAX (nginx's off_t bound), nothing else.
 fn parse_length(value: &[u8]) -> Option<u64> {
     if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    std::str::from_utf8(value).ok()?.parse().ok()
+    let n: u64 = std::str::from_utf8(value).ok()?.parse().ok()?;
+    (n <= i64::MAX as u64).then_some(n)
+}
+
+/// A field value without the optional whitespace (SP, HTAB) around it.
+fn trim_ows(v: &[u8]) -> &[u8] {
+    let start = v
+        .iter()
+        .position(|b| *b != b' ' && *b != b'\t')
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| *b != b' ' && *b != b'\t')
+        .map_or(start, |i| i + 1);
+    &v[start..end]
 }
 
 /// What the proxy needs to know about a header section, gathered in one pass.
@@ -73,15 +95,20 @@ fn parse_length(value: &[u8]) -> Option<u64> {
 struct Framing {
     content_length: Option<u64>,
     content_lengths: u32,
-    transfer_encoding: bool,
-    chunked_last: bool,
+    transfer_encodings: u32,
+    /// The one Transfer-Encoding line says exactly `chunked`: the only coding accepted.
+    te_chunked: bool,
     conn_close: bool,
     conn_keep_alive: bool,
     conn_upgrade: bool,
     /// `Connection` names other headers to drop.
     conn_names_other: bool,
     upgrade: bool,
+    /// An `Upgrade` token asks for h2c: never honoured through a proxy (h2c smuggling).
+    upgrade_h2c: bool,
     bad_length: bool,
+    /// An `Expect` other than `100-continue` (417).
+    expect_unknown: bool,
 }
 
 fn framing(buf: &[u8], headers: &[HeaderAt]) -> Framing {
@@ -91,16 +118,13 @@ fn framing(buf: &[u8], headers: &[HeaderAt]) -> Framing {
         let value = at(buf, h.value);
         if is(name, "content-length") {
             f.content_lengths += 1;
-            match parse_length(value) {
-                Some(n) if f.content_length.is_none_or(|m| m == n) => f.content_length = Some(n),
+            match parse_length(trim_ows(value)) {
+                Some(n) if f.content_length.is_none() => f.content_length = Some(n),
                 _ => f.bad_length = true,
             }
         } else if is(name, "transfer-encoding") {
-            f.transfer_encoding = true;
-            f.chunked_last = tokens(value)
-                .filter(|t| !t.is_empty())
-                .last()
-                .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
+            f.transfer_encodings += 1;
+            f.te_chunked = trim_ows(value).eq_ignore_ascii_case(b"chunked");
         } else if is(name, "connection") {
             for t in tokens(value) {
                 if t.eq_ignore_ascii_case(b"close") {
@@ -109,23 +133,60 @@ fn framing(buf: &[u8], headers: &[HeaderAt]) -> Framing {
                     f.conn_keep_alive = true;
                 } else if t.eq_ignore_ascii_case(b"upgrade") {
                     f.conn_upgrade = true;
-                } else if !t.is_empty() {
+                } else if !t.is_empty() && !is_protected(t) {
                     f.conn_names_other = true;
                 }
             }
         } else if is(name, "upgrade") {
             f.upgrade = true;
+            f.upgrade_h2c |=
+                tokens(value).any(|t| t.len() >= 3 && t[..3].eq_ignore_ascii_case(b"h2c"));
+        } else if is(name, "expect") {
+            f.expect_unknown |= !trim_ows(value).eq_ignore_ascii_case(b"100-continue");
         }
     }
     f
 }
 
-/// True when `name` is listed in a `Connection` header (and so is hop-by-hop).
+/// True when `name` is listed in a `Connection` header (and so is hop-by-hop), unless
+/// it is one of the protected names.
 fn named_by_connection(buf: &[u8], headers: &[HeaderAt], name: &[u8]) -> bool {
-    headers.iter().any(|h| {
-        is(at(buf, h.name), "connection")
-            && tokens(at(buf, h.value)).any(|t| t.eq_ignore_ascii_case(name))
-    })
+    !is_protected(name)
+        && headers.iter().any(|h| {
+            is(at(buf, h.name), "connection")
+                && tokens(at(buf, h.value)).any(|t| t.eq_ignore_ascii_case(name))
+        })
+}
+
+/// Why a request is answered by dynagate itself instead of being forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub why: &'static str,
+}
+
+const fn refuse(status: u16, why: &'static str) -> Result<(), Refusal> {
+    Err(Refusal { status, why })
+}
+
+/// The request-target's form (RFC 9112 §3.2): only these two are proxied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TargetForm {
+    Origin,
+    Absolute,
+    Other,
+}
+
+fn target_form(target: &[u8]) -> TargetForm {
+    if target.first() == Some(&b'/') {
+        return TargetForm::Origin;
+    }
+    for scheme in [&b"http://"[..], b"https://"] {
+        if target.len() >= scheme.len() && target[..scheme.len()].eq_ignore_ascii_case(scheme) {
+            return TargetForm::Absolute;
+        }
+    }
+    TargetForm::Other
 }
 
 const STACK_HEADERS: usize = 128;
@@ -232,11 +293,12 @@ impl RequestHead {
         self.origin_form(buf).0.split_once('?').map(|(_, q)| q)
     }
 
-    /// The Host header, else the authority of an absolute-form target.
+    /// The authority of an absolute-form target (which wins, RFC 9112 §3.2.2), else the
+    /// Host header.
     pub fn host<'b>(&self, buf: &'b [u8]) -> Option<&'b [u8]> {
-        match self.host {
-            Some(h) => Some(at(buf, h)),
-            None => self.origin_form(buf).1.map(str::as_bytes),
+        match self.origin_form(buf).1 {
+            Some(authority) => Some(authority.as_bytes()),
+            None => self.host.map(|h| at(buf, h)),
         }
     }
 
@@ -262,34 +324,66 @@ impl RequestHead {
         at(buf, self.method) == b"HEAD"
     }
 
-    /// Refuses requests whose framing could be read two ways (request smuggling).
-    pub fn screen(&self) -> Result<(), &'static str> {
+    /// Refuses what must not be forwarded: framing that could be read two ways (request
+    /// smuggling), codings other than chunked, targets that are not origin- or
+    /// absolute-form, a missing, repeated or malformed Host, unknown expectations. The
+    /// path is checked by the caller (`crate::uri::normalize_path`).
+    pub fn screen(&self, buf: &[u8]) -> Result<(), Refusal> {
         let f = &self.framing;
-        if f.transfer_encoding {
+        if f.transfer_encodings > 0 {
             if f.content_lengths > 0 {
-                return Err("dynagate: bad request: both Content-Length and Transfer-Encoding");
+                return refuse(400, "both Content-Length and Transfer-Encoding");
             }
             if self.minor_version == 0 {
-                return Err("dynagate: bad request: Transfer-Encoding on HTTP/1.0");
+                return refuse(400, "Transfer-Encoding on HTTP/1.0");
             }
-            if !f.chunked_last {
-                return Err("dynagate: bad request: Transfer-Encoding without final chunked");
+            if f.transfer_encodings > 1 {
+                return refuse(400, "more than one Transfer-Encoding");
+            }
+            if !f.te_chunked {
+                return refuse(501, "Transfer-Encoding other than chunked");
             }
         }
         if f.content_lengths > 1 {
-            return Err("dynagate: bad request: more than one Content-Length");
+            return refuse(400, "more than one Content-Length");
         }
         if f.bad_length {
-            return Err("dynagate: bad request: invalid Content-Length");
+            return refuse(400, "invalid Content-Length");
         }
         if self.hosts > 1 {
-            return Err("dynagate: bad request: more than one Host");
+            return refuse(400, "more than one Host");
+        }
+        match target_form(at(buf, self.target)) {
+            TargetForm::Origin | TargetForm::Absolute => {}
+            TargetForm::Other => {
+                return refuse(
+                    400,
+                    "request target is neither origin-form nor absolute-form",
+                )
+            }
+        }
+        match self.host(buf) {
+            None if self.minor_version >= 1 => return refuse(400, "HTTP/1.1 request without Host"),
+            None => {}
+            Some(host) => {
+                if let Err(why) = crate::uri::validate_host(host) {
+                    return refuse(400, why);
+                }
+            }
+        }
+        if f.expect_unknown {
+            return refuse(417, "unsupported Expect");
         }
         Ok(())
     }
 
+    /// The declared body length, if any (also 0).
+    pub fn content_length(&self) -> Option<u64> {
+        self.framing.content_length
+    }
+
     pub fn body(&self) -> BodyKind {
-        if self.framing.transfer_encoding {
+        if self.framing.transfer_encodings > 0 {
             BodyKind::Chunked
         } else {
             match self.framing.content_length {
@@ -308,29 +402,55 @@ impl RequestHead {
         }
     }
 
+    /// An HTTP/1.1 protocol switch (WebSocket) dynagate tunnels once the upstream agrees.
+    /// Not h2c (a tunnel of HTTP/2 past the proxy's routing), and not with a body (whose
+    /// bytes could not be told from the new protocol's): such requests are proxied as
+    /// plain requests, their `Upgrade` dropped.
     pub fn is_upgrade(&self) -> bool {
-        self.minor_version == 1 && self.framing.upgrade && self.framing.conn_upgrade
+        let f = &self.framing;
+        self.minor_version == 1
+            && f.upgrade
+            && f.conn_upgrade
+            && !f.upgrade_h2c
+            && self.body() == BodyKind::Empty
     }
 
-    /// Writes the head sent upstream: origin-form target, HTTP/1.1, hop-by-hop headers
-    /// out, X-Forwarded-* and X-Real-IP set, Host kept unless `upstream_host` replaces it.
+    /// Writes the head sent upstream: origin-form target (the normalised path when
+    /// `ctx.path` is given), HTTP/1.1, hop-by-hop headers out, X-Forwarded-* and
+    /// X-Real-IP set, Host kept unless the target's authority or `upstream_host` replaces
+    /// it, and the body's framing written by dynagate itself.
     pub fn write_upstream(&self, buf: &[u8], out: &mut Vec<u8>, ctx: &UpstreamHeadCtx<'_>) {
         let (target, authority) = self.origin_form(buf);
         out.extend_from_slice(at(buf, self.method));
         out.push(b' ');
-        out.extend_from_slice(target.as_bytes());
+        match ctx.path {
+            Some(path) => {
+                out.extend_from_slice(path.as_bytes());
+                if let Some((_, query)) = target.split_once('?') {
+                    out.push(b'?');
+                    out.extend_from_slice(query.as_bytes());
+                }
+            }
+            None => out.extend_from_slice(target.as_bytes()),
+        }
         out.extend_from_slice(b" HTTP/1.1\r\n");
         let f = &self.framing;
         let upgrade = ctx.upgrade;
+        let replace_host = ctx.upstream_host.is_some() || authority.is_some();
         let mut prior_xff: Option<&[u8]> = None;
         for h in &self.headers {
             let name = at(buf, h.name);
             let value = at(buf, h.value);
+            if !ctx.underscores && name.contains(&b'_') {
+                continue;
+            }
             if is_hop_by_hop(name) {
                 if !(upgrade && is(name, "upgrade")) {
                     continue;
                 }
-            } else if f.conn_names_other && named_by_connection(buf, &self.headers, name) {
+            } else if is(name, "content-length")
+                || (f.conn_names_other && named_by_connection(buf, &self.headers, name))
+            {
                 continue;
             }
             if is(name, "x-forwarded-for") {
@@ -343,17 +463,15 @@ impl RequestHead {
             {
                 continue;
             }
-            if is(name, "host") && ctx.upstream_host.is_some() {
+            if replace_host && is(name, "host") {
                 continue;
             }
             push_header(out, name, value);
         }
         if let Some(h) = ctx.upstream_host {
             push_header(out, b"host", h);
-        } else if self.host.is_none() {
-            if let Some(a) = authority {
-                push_header(out, b"host", a.as_bytes());
-            }
+        } else if let Some(a) = authority {
+            push_header(out, b"host", a.as_bytes());
         }
         out.extend_from_slice(b"x-forwarded-for: ");
         if let Some(prev) = prior_xff.filter(|p| !p.is_empty()) {
@@ -370,8 +488,10 @@ impl RequestHead {
         if upgrade {
             out.extend_from_slice(b"connection: upgrade\r\n");
         }
-        if f.transfer_encoding {
+        if f.transfer_encodings > 0 {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        } else if let Some(n) = f.content_length {
+            push_length(out, n);
         }
         out.extend_from_slice(b"\r\n");
     }
@@ -381,6 +501,12 @@ pub struct UpstreamHeadCtx<'a> {
     pub client_ip: &'a str,
     pub upstream_host: Option<&'a [u8]>,
     pub upgrade: bool,
+    /// The normalised path sent instead of the client's (query kept as received).
+    pub path: Option<&'a str>,
+    /// Header names with `_` are forwarded (nginx's `underscores_in_headers on`); by
+    /// default they are dropped: CGI-style origins read `Content_Length` as
+    /// `Content-Length`.
+    pub underscores: bool,
 }
 
 fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -442,7 +568,22 @@ impl ResponseHead {
             })
             .collect();
         let framing = framing(buf, &headers);
-        if framing.bad_length && !framing.transfer_encoding {
+        // As strict as nginx with its upstreams: a response whose length could be read two
+        // ways is refused (502), never guessed at.
+        if framing.transfer_encodings > 0 && framing.content_lengths > 0 {
+            return Err(HeadError::Invalid(
+                "both Content-Length and Transfer-Encoding",
+            ));
+        }
+        if framing.transfer_encodings > 1
+            || (framing.transfer_encodings == 1 && !framing.te_chunked)
+        {
+            return Err(HeadError::Invalid("Transfer-Encoding other than chunked"));
+        }
+        if framing.content_lengths > 1 {
+            return Err(HeadError::Invalid("more than one Content-Length"));
+        }
+        if framing.bad_length {
             return Err(HeadError::Invalid("invalid Content-Length"));
         }
         Ok(Parsed::Complete(ResponseHead {
@@ -467,12 +608,8 @@ impl ResponseHead {
             || self.status == 304
         {
             BodyKind::Empty
-        } else if self.framing.transfer_encoding {
-            if self.framing.chunked_last {
-                BodyKind::Chunked
-            } else {
-                BodyKind::UntilClose
-            }
+        } else if self.framing.transfer_encodings > 0 {
+            BodyKind::Chunked
         } else {
             match self.framing.content_length {
                 Some(0) => BodyKind::Empty,
@@ -491,11 +628,13 @@ impl ResponseHead {
         }
     }
 
-    /// Writes the head sent to the client. `out_body` is the framing the client gets.
+    /// Writes the head sent to the client. `out_body` is the framing the client gets;
+    /// the framing header is dynagate's own, whatever the upstream wrote.
     pub fn write_client(
         &self,
         buf: &[u8],
         out: &mut Vec<u8>,
+        request_was_head: bool,
         out_body: OutFraming,
         connection: ClientConnection,
     ) {
@@ -521,20 +660,31 @@ impl ResponseHead {
                 if !(switching && is(name, "upgrade")) {
                     continue;
                 }
-            } else if f.conn_names_other && named_by_connection(buf, &self.headers, name) {
-                continue;
-            }
-            if is(name, "content-length")
-                && (f.transfer_encoding || out_body == OutFraming::Chunked)
+            } else if is(name, "content-length")
+                || (f.conn_names_other && named_by_connection(buf, &self.headers, name))
             {
                 continue;
             }
             push_header(out, name, at(buf, h.value));
         }
-        // Chunked coding passed through keeps its header; chunked coding added gets one.
-        let passed_chunked = out_body == OutFraming::Same && f.transfer_encoding && f.chunked_last;
-        if out_body == OutFraming::Chunked || passed_chunked {
-            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        // 1xx and 204 have no framing (RFC 9110 §8.6); a HEAD answer or a 304 keeps the
+        // length it announces though no body follows.
+        if !((100..200).contains(&self.status) || self.status == 204) {
+            match (out_body, self.body(request_was_head)) {
+                (OutFraming::Raw, _) => {}
+                (OutFraming::Chunked, _) | (OutFraming::Same, BodyKind::Chunked) => {
+                    out.extend_from_slice(b"transfer-encoding: chunked\r\n")
+                }
+                (OutFraming::Same, BodyKind::Length(n)) => push_length(out, n),
+                (OutFraming::Same, BodyKind::Empty) => {
+                    if let Some(n) = f.content_length {
+                        push_length(out, n);
+                    } else if f.transfer_encodings > 0 {
+                        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                    }
+                }
+                (OutFraming::Same, BodyKind::UntilClose) => {}
+            }
         }
         match connection {
             ClientConnection::Default => {}
@@ -546,12 +696,19 @@ impl ResponseHead {
     }
 }
 
+fn push_length(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa_buf(n).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
 /// How the body goes out to the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutFraming {
-    /// As it came (length or chunked), or no body.
+    /// As it came: a length, no body, or (HTTP/1.0 client) until close.
     Same,
-    /// Chunked coding added (the upstream delimited by close; HTTP/1.1 client).
+    /// Chunked coding written by dynagate: a chunked body decoded and framed anew, or one
+    /// delimited by close (HTTP/1.1 client).
     Chunked,
     /// Chunked coding removed (HTTP/1.0 client); the connection closes after.
     Raw,
@@ -613,6 +770,8 @@ mod tests {
                 client_ip: "127.0.0.1",
                 upstream_host: None,
                 upgrade: false,
+                path: None,
+                underscores: false,
             },
         );
         let s = String::from_utf8(out).unwrap();
@@ -649,6 +808,8 @@ mod tests {
                 client_ip: "::1",
                 upstream_host: None,
                 upgrade: false,
+                path: None,
+                underscores: false,
             },
         );
         let s = String::from_utf8(out).unwrap();
@@ -658,32 +819,222 @@ mod tests {
         );
     }
 
+    fn screened(s: &str) -> Result<(), Refusal> {
+        req(s).screen(s.as_bytes())
+    }
+
+    fn upstream_head(raw: &str, ctx: &UpstreamHeadCtx<'_>) -> String {
+        let mut out = Vec::new();
+        req(raw).write_upstream(raw.as_bytes(), &mut out, ctx);
+        String::from_utf8(out).unwrap()
+    }
+
+    const PLAIN: UpstreamHeadCtx<'static> = UpstreamHeadCtx {
+        client_ip: "127.0.0.1",
+        upstream_host: None,
+        upgrade: false,
+        path: None,
+        underscores: false,
+    };
+
     #[test]
     fn screens_ambiguous_framing() {
-        assert!(
-            req("POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")
-                .screen()
-                .is_err()
-        );
-        assert!(
-            req("POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n")
-                .screen()
-                .is_err()
-        );
-        assert!(req("POST / HTTP/1.1\r\nContent-Length: -3\r\n\r\n")
-            .screen()
-            .is_err());
-        assert!(
-            req("POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n")
-                .screen()
-                .is_err()
-        );
-        assert!(req("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
-            .screen()
-            .is_err());
-        let ok = req("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
-        assert!(ok.screen().is_ok());
+        let status = |s: &str| screened(s).err().map(|r| r.status);
+        let h = "Host: a\r\n";
+        for (raw, want) in [
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -3\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 9223372036854775808\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 501),
+            ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+            ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", 501),
+            ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            ("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: \r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a/b\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: ..\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: x, y\r\n\r\n", 400),
+            ("GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            ("OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            ("CONNECT a:80 HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            ("GET abc HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            ("GET ftp://x/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            ("GET http://u@x/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue, x\r\n\r\n", 417),
+        ] {
+            assert_eq!(status(raw), Some(want), "{raw:?}");
+        }
+        for raw in [
+            format!("POST / HTTP/1.1\r\n{h}Transfer-Encoding: Chunked \r\n\r\n"),
+            format!("POST / HTTP/1.1\r\n{h}Content-Length: 007\r\n\r\n"),
+            format!("POST / HTTP/1.1\r\n{h}Expect: 100-Continue\r\n\r\n"),
+            "GET http://b.test:81/x HTTP/1.1\r\nHost: a\r\n\r\n".into(),
+            "GET / HTTP/1.0\r\n\r\n".into(),
+        ] {
+            assert_eq!(status(&raw), None, "{raw:?}");
+        }
+        let ok = req("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert_eq!(ok.body(), BodyKind::Chunked);
+    }
+
+    #[test]
+    fn connection_never_removes_framing_or_host() {
+        let raw = "POST /x HTTP/1.1\r\nHost: a\r\nConnection: Content-Length, Host, Transfer-Encoding, X-Gone\r\nX-Gone: 1\r\nContent-Length: 3\r\n\r\n";
+        let s = upstream_head(raw, &PLAIN);
+        assert!(s.starts_with("POST /x HTTP/1.1\r\nHost: a\r\n"), "{s}");
+        assert!(s.ends_with("content-length: 3\r\n\r\n"), "{s}");
+        assert!(!s.contains("X-Gone"), "{s}");
+        assert_eq!(s.matches("ontent-").count(), 1, "{s}");
+    }
+
+    #[test]
+    fn framing_is_written_by_dynagate() {
+        let s = upstream_head(
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0005\r\nX: 1\r\n\r\n",
+            &PLAIN,
+        );
+        assert!(
+            s.contains("X: 1\r\n") && s.ends_with("content-length: 5\r\n\r\n"),
+            "{s}"
+        );
+        assert!(!s.contains("0005"), "{s}");
+        let s = upstream_head(
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+            &PLAIN,
+        );
+        assert!(s.ends_with("transfer-encoding: chunked\r\n\r\n"), "{s}");
+        assert_eq!(
+            s.to_ascii_lowercase().matches("transfer-encoding").count(),
+            1
+        );
+    }
+
+    #[test]
+    fn underscore_names_are_dropped_unless_allowed() {
+        let raw = "GET / HTTP/1.1\r\nHost: a\r\nTransfer_Encoding: chunked\r\nContent_Length: 5\r\nX_Ok: 1\r\n\r\n";
+        let s = upstream_head(raw, &PLAIN);
+        assert!(!s.contains('_'), "{s}");
+        assert_eq!(req(raw).body(), BodyKind::Empty);
+        let allowed = UpstreamHeadCtx {
+            underscores: true,
+            ..PLAIN
+        };
+        assert!(upstream_head(raw, &allowed).contains("X_Ok: 1\r\n"));
+    }
+
+    #[test]
+    fn absolute_form_authority_wins_over_host() {
+        let raw = "GET http://real.test/p?q=1 HTTP/1.1\r\nHost: other.test\r\n\r\n";
+        let h = req(raw);
+        assert_eq!(h.host(raw.as_bytes()), Some(&b"real.test"[..]));
+        let s = upstream_head(raw, &PLAIN);
+        assert!(
+            s.starts_with("GET /p?q=1 HTTP/1.1\r\nhost: real.test\r\n"),
+            "{s}"
+        );
+        assert!(!s.contains("other.test"), "{s}");
+        assert!(s.contains("x-forwarded-host: real.test\r\n"), "{s}");
+    }
+
+    #[test]
+    fn normalised_path_replaces_the_target_and_keeps_the_query() {
+        let raw = "GET /a/../b?x=/../y HTTP/1.1\r\nHost: a\r\n\r\n";
+        let ctx = UpstreamHeadCtx {
+            path: Some("/b"),
+            ..PLAIN
+        };
+        assert!(upstream_head(raw, &ctx).starts_with("GET /b?x=/../y HTTP/1.1\r\n"));
+    }
+
+    #[test]
+    fn upgrades_need_http11_no_body_and_not_h2c() {
+        let up = |s: &str| req(s).is_upgrade();
+        assert!(up(
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        ));
+        assert!(!up("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\r\n"));
+        assert!(!up(
+            "GET / HTTP/1.0\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        ));
+        assert!(!up("POST / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 4\r\n\r\n"));
+        let s = upstream_head(
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: x\r\n\r\n",
+            &PLAIN,
+        );
+        assert!(
+            !s.to_ascii_lowercase().contains("upgrade") && !s.contains("HTTP2-Settings"),
+            "{s}"
+        );
+    }
+
+    fn resp(s: &str) -> Result<ResponseHead, HeadError> {
+        match ResponseHead::parse(s.as_bytes()) {
+            Ok(Parsed::Complete(h)) => Ok(h),
+            Ok(Parsed::Partial) => panic!("partial"),
+            Err(e) => Err(e),
+        }
+    }
+
+    #[test]
+    fn response_framing_that_reads_two_ways_is_refused() {
+        for raw in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 3x\r\n\r\n",
+        ] {
+            assert!(resp(raw).is_err(), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn client_head_keeps_its_length_whatever_connection_names() {
+        let raw = "HTTP/1.1 200 OK\r\nConnection: content-length, x-drop\r\nX-Drop: 1\r\nContent-Length: 5\r\n\r\nhello";
+        let h = resp(raw).unwrap();
+        let mut out = Vec::new();
+        h.write_client(
+            raw.as_bytes(),
+            &mut out,
+            false,
+            OutFraming::Same,
+            ClientConnection::Default,
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"
+        );
+        let raw = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n";
+        let mut out = Vec::new();
+        resp(raw).unwrap().write_client(
+            raw.as_bytes(),
+            &mut out,
+            true,
+            OutFraming::Same,
+            ClientConnection::Default,
+        );
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("content-length: 5\r\n"));
+        let raw = "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n";
+        let mut out = Vec::new();
+        resp(raw).unwrap().write_client(
+            raw.as_bytes(),
+            &mut out,
+            false,
+            OutFraming::Same,
+            ClientConnection::Default,
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 204 No Content\r\n\r\n"
+        );
     }
 
     #[test]
@@ -700,12 +1051,13 @@ mod tests {
         h.write_client(
             raw.as_bytes(),
             &mut out,
+            false,
             OutFraming::Same,
             ClientConnection::Default,
         );
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\n"
+            "HTTP/1.1 200 OK\r\nX-A: 1\r\ncontent-length: 5\r\n\r\n"
         );
         let raw = "HTTP/1.0 200 OK\r\nX-A: 1\r\n\r\nstream";
         let h = match ResponseHead::parse(raw.as_bytes()).unwrap() {
@@ -754,7 +1106,7 @@ mod fuzz {
                 h.host(buf),
             );
             let _ = (
-                h.screen(),
+                h.screen(buf),
                 h.body(),
                 h.keep_alive(),
                 h.is_upgrade(),
@@ -770,6 +1122,8 @@ mod fuzz {
                         client_ip: "10.0.0.1",
                         upstream_host: Some(b"up"),
                         upgrade,
+                        path: Some("/n"),
+                        underscores: upgrade,
                     },
                 );
             }
@@ -784,7 +1138,8 @@ mod fuzz {
                     ClientConnection::KeepAlive,
                     ClientConnection::Upgrade,
                 ] {
-                    h.write_client(buf, &mut out, f, c);
+                    h.write_client(buf, &mut out, false, f, c);
+                    h.write_client(buf, &mut out, true, f, c);
                 }
             }
         }
@@ -809,7 +1164,7 @@ mod fuzz {
             exercise(&buf);
             let random: Vec<u8> = (0..rng.below(200)).map(|_| rng.next() as u8).collect();
             exercise(&random);
-            let mut scanner = super::super::framing::ChunkedScanner::default();
+            let mut scanner = super::super::framing::ChunkedDecoder::default();
             let _ = scanner.feed(&random, |_, _| {});
             let _ = scanner.feed(&buf, |_, _| {});
         }

@@ -2,7 +2,7 @@
 //! one body from one socket to another with its framing, the upstream connection type,
 //! and the replay wrapper that hands an HTTP/2 connection to hyper.
 
-use super::framing::{BodyKind, ChunkedScanner};
+use super::framing::{push_chunk_size, BodyKind, ChunkedDecoder, LAST_CHUNK};
 use super::head::OutFraming;
 use crate::pool::Reusable;
 use std::io;
@@ -46,6 +46,8 @@ pub enum PumpError {
     Read(String),
     /// The source's chunked framing is invalid (a client gets a 400 for it).
     Framing(String),
+    /// The body is longer than the copy's limit (a client gets a 413 for it).
+    TooLarge(u64),
     /// The destination went away.
     Write(io::Error),
 }
@@ -54,6 +56,7 @@ impl std::fmt::Display for PumpError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PumpError::Read(e) | PumpError::Framing(e) => write!(f, "{e}"),
+            PumpError::TooLarge(limit) => write!(f, "body larger than {limit} bytes"),
             PumpError::Write(e) => write!(f, "{e}"),
         }
     }
@@ -101,6 +104,14 @@ impl<W: AsyncWrite + Unpin> Out<'_, W> {
         self.pending.extend_from_slice(bytes);
     }
 
+    /// One chunk of the chunked coding dynagate writes (never the sender's own framing).
+    async fn chunk(&mut self, data: &[u8]) -> Result<(), PumpError> {
+        push_chunk_size(&mut self.pending, data.len());
+        self.body(data).await?;
+        self.frame(b"\r\n");
+        Ok(())
+    }
+
     async fn flush(&mut self) -> Result<(), PumpError> {
         if !self.pending.is_empty() {
             self.dst
@@ -113,24 +124,40 @@ impl<W: AsyncWrite + Unpin> Out<'_, W> {
     }
 }
 
+/// How one body is copied: how the source delimits it, how the destination gets it,
+/// the longest wait for the next bytes, and the most body bytes allowed (0: no limit).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyCopy {
+    pub kind: BodyKind,
+    pub framing: OutFraming,
+    pub read_timeout: Duration,
+    pub limit: u64,
+}
+
 /// Copies one body from `src` to `dst`: first what is already in `buf[*pos..]`, then
 /// reads. Bytes after the body stay in `buf[*pos..]` (a pipelined request). `head` is
-/// written before (gathered with) the first body bytes. Returns the body bytes sent.
-#[allow(clippy::too_many_arguments)]
+/// written before (gathered with) the first body bytes. A chunked body is decoded and
+/// framed anew (chunked again, or raw for an HTTP/1.0 client), so nothing of the
+/// sender's framing — sizes, extensions, trailers — reaches the destination. Returns
+/// the body bytes sent.
 pub async fn pump<R, W>(
     src: &mut R,
     buf: &mut Vec<u8>,
     pos: &mut usize,
     dst: &mut W,
     head: Vec<u8>,
-    kind: BodyKind,
-    framing: OutFraming,
-    read_timeout: Duration,
+    copy: BodyCopy,
 ) -> Result<u64, PumpError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let BodyCopy {
+        kind,
+        framing,
+        read_timeout,
+        limit,
+    } = copy;
     let mut out = Out {
         dst,
         pending: head,
@@ -140,7 +167,8 @@ where
         BodyKind::Length(n) => n,
         _ => 0,
     };
-    let mut chunked = ChunkedScanner::default();
+    let limit = if limit == 0 { u64::MAX } else { limit };
+    let mut chunked = ChunkedDecoder::default();
     let mut ranges: Vec<(usize, usize)> = Vec::new();
     let mut room = BODY_BUF;
     loop {
@@ -164,23 +192,28 @@ where
                     let used = chunked
                         .feed(avail, |a, b| ranges.push((a, b)))
                         .map_err(|e| PumpError::Framing(e.to_string()))?;
-                    if framing == OutFraming::Raw {
-                        for &(a, b) in &ranges {
-                            out.body(&avail[a..b]).await?;
+                    for &(a, b) in &ranges {
+                        if out.sent + (b - a) as u64 > limit {
+                            return Err(PumpError::TooLarge(limit));
                         }
-                    } else {
-                        out.body(&avail[..used]).await?;
+                        if framing == OutFraming::Raw {
+                            out.body(&avail[a..b]).await?;
+                        } else {
+                            out.chunk(&avail[a..b]).await?;
+                        }
                     }
                     *pos += used;
                 }
-                chunked.is_done()
+                let done = chunked.is_done();
+                if done && framing != OutFraming::Raw {
+                    out.frame(LAST_CHUNK);
+                }
+                done
             }
             BodyKind::UntilClose => {
                 if !avail.is_empty() {
                     if framing == OutFraming::Chunked {
-                        out.frame(format!("{:x}\r\n", avail.len()).as_bytes());
-                        out.body(avail).await?;
-                        out.frame(b"\r\n");
+                        out.chunk(avail).await?;
                     } else {
                         out.body(avail).await?;
                     }
@@ -207,7 +240,7 @@ where
         if n == 0 {
             if kind == BodyKind::UntilClose {
                 if framing == OutFraming::Chunked {
-                    out.frame(b"0\r\n\r\n");
+                    out.frame(LAST_CHUNK);
                 }
                 out.flush().await?;
                 return Ok(out.sent);
@@ -294,15 +327,19 @@ mod tests {
         let mut buf = already.to_vec();
         let mut pos = 0;
         let mut dst = Vec::new();
+        let copy = BodyCopy {
+            kind,
+            framing,
+            read_timeout: Duration::from_secs(5),
+            limit: 0,
+        };
         let r = pump(
             &mut b,
             &mut buf,
             &mut pos,
             &mut dst,
             b"HEAD|".to_vec(),
-            kind,
-            framing,
-            Duration::from_secs(5),
+            copy,
         )
         .await;
         (r, dst, buf[pos..].to_vec())
@@ -317,13 +354,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn chunked_through_and_decoded() {
-        let body = b"3\r\nabc\r\n0\r\n\r\n";
-        let (r, out, _) = run(body, b"", BodyKind::Chunked, OutFraming::Same).await;
-        assert_eq!(r.unwrap(), body.len() as u64);
-        assert_eq!(&out[5..], body);
+    async fn chunked_is_framed_anew_without_extensions_or_trailers() {
+        let body = b"3;ext=1\r\nabc\r\n00002\r\nde\r\n0\r\nX-T: 1\r\n\r\nNEXT";
+        let (r, out, rest) = run(body, b"", BodyKind::Chunked, OutFraming::Chunked).await;
+        assert_eq!(r.unwrap(), 5);
+        assert_eq!(out, b"HEAD|3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n");
+        assert_eq!(rest, b"NEXT");
         let (_, out, _) = run(body, b"", BodyKind::Chunked, OutFraming::Raw).await;
-        assert_eq!(out, b"HEAD|abc");
+        assert_eq!(out, b"HEAD|abcde");
+    }
+
+    #[tokio::test]
+    async fn chunked_body_over_the_limit_stops_before_it_is_sent() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        a.write_all(b"4\r\nabcd\r\n4\r\nefgh\r\n0\r\n\r\n")
+            .await
+            .unwrap();
+        drop(a);
+        let (mut buf, mut pos, mut dst) = (Vec::new(), 0, Vec::new());
+        let copy = BodyCopy {
+            kind: BodyKind::Chunked,
+            framing: OutFraming::Chunked,
+            read_timeout: Duration::from_secs(5),
+            limit: 6,
+        };
+        let r = pump(&mut b, &mut buf, &mut pos, &mut dst, Vec::new(), copy).await;
+        assert!(matches!(r, Err(PumpError::TooLarge(6))), "{r:?}");
+        assert!(!dst.windows(4).any(|w| w == b"efgh"));
     }
 
     #[tokio::test]

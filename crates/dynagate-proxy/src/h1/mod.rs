@@ -36,6 +36,10 @@ pub struct ConnOptions {
     pub max_headers: usize,
     /// Longest wait for the next piece of a request body.
     pub body_read_timeout: Duration,
+    /// Largest request body (413 above); 0 = no limit.
+    pub max_body_bytes: u64,
+    /// Forward header names containing `_` instead of dropping them.
+    pub underscores_in_headers: bool,
 }
 
 /// What every connection of one worker shares.
