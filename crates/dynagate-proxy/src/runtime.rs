@@ -535,13 +535,26 @@ impl UpstreamRuntime {
     }
 
     /// A failed attempt on server `i` (connect error, timeout, 5xx): feeds nginx-style
-    /// passive health and outlier detection. Protected mode never ejects the last
-    /// available server, and at most `max_ejection_percent` are ejected at once.
+    /// passive health and outlier detection. Passive health never skips the last
+    /// available server (nginx never marks the only server of a group unavailable):
+    /// its next requests probe it, so one failed exchange cannot answer 503 to everyone
+    /// for `fail_timeout`. Protected mode never ejects the last available server, and
+    /// at most `max_ejection_percent` are ejected at once.
     pub fn record_failure(&self, i: usize) {
         let spec = &self.spec;
         let stats = &self.servers[i].stats;
-        stats.record_failure(spec.max_fails, spec.fail_timeout.as_millis() as u64);
+        let max_fails = if spec.max_fails > 0 && !self.others_available(i, mono_ms()) {
+            0
+        } else {
+            spec.max_fails
+        };
+        stats.record_failure(max_fails, spec.fail_timeout.as_millis() as u64);
         self.record_outlier_failure(i);
+    }
+
+    /// Whether a server other than `i` takes new requests now.
+    fn others_available(&self, i: usize, now: u64) -> bool {
+        (0..self.servers.len()).any(|j| j != i && self.available(j, now))
     }
 
     /// A 5xx answer: not a broken attempt, but an outlier signal.
@@ -566,7 +579,7 @@ impl UpstreamRuntime {
         if ejected >= cap {
             return;
         }
-        if o.protected && !(0..n).any(|j| j != i && self.available(j, now)) {
+        if o.protected && !self.others_available(i, now) {
             return;
         }
         stats.eject(
@@ -698,6 +711,30 @@ mod tests {
         // A rebuilt runtime keeps the records and their alarm.
         let again = UpstreamRuntime::build(up.spec.clone(), Some(&up));
         assert_eq!(spread(&again, 10), vec![0, 10, 0]);
+    }
+
+    #[test]
+    fn passive_health_never_skips_the_last_available_server() {
+        let mut spec = Upstream::new("u", vec![Server::new("127.0.0.1:1")]);
+        spec.max_fails = 1;
+        let single = UpstreamRuntime::build(Arc::new(spec), None);
+        for _ in 0..5 {
+            single.record_failure(0);
+        }
+        assert_eq!(single.select(&Pick::default()), Some(0));
+        assert_eq!(single.servers[0].stats.failures.load(Ordering::Relaxed), 5);
+
+        // Of two, the first to fail is skipped; the second, now the last, is not.
+        let mut spec = Upstream::new(
+            "u",
+            vec![Server::new("127.0.0.1:1"), Server::new("127.0.0.1:2")],
+        );
+        spec.max_fails = 1;
+        let pair = UpstreamRuntime::build(Arc::new(spec), None);
+        pair.record_failure(0);
+        assert_eq!(spread(&pair, 10), vec![0, 10]);
+        pair.record_failure(1);
+        assert_eq!(spread(&pair, 10), vec![0, 10]);
     }
 
     #[test]

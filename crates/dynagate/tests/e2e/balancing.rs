@@ -244,3 +244,52 @@ async fn upstream_timeout_is_504() {
     assert_eq!(status, 504, "{body}");
     assert!(body.contains("timed out"));
 }
+
+/// Passive health never takes an upstream's last available server out (nginx never
+/// marks the only server of a group unavailable): one timed-out exchange, and a backend
+/// restart, cost only the requests that met them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_server_keeps_serving_after_a_failed_exchange_and_a_restart() {
+    let dir = TempDir::new("single-passive");
+    let gw = Gateway::start(dir.path()).await;
+    let mut a = Backend::start("a").await;
+    gw.ok(
+        "PUT",
+        "/v1/upstreams/u",
+        json!({"servers": [{"address": a.addr.to_string()}], "read_timeout": "300ms",
+               "retries": 0, "max_fails": 1, "fail_timeout": "10s"}),
+    )
+    .await;
+    gw.put_route("r", &[], "/", "u").await;
+    assert_eq!(gw.get("x", "/").await.0, 200);
+
+    a.behaviour
+        .delay_ms
+        .store(1000, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(gw.get("x", "/").await.0, 504);
+    a.behaviour
+        .delay_ms
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    for i in 0..5 {
+        assert_eq!(
+            gw.get("x", "/").await.0,
+            200,
+            "request {i} after the timeout"
+        );
+    }
+
+    a.kill().await;
+    assert_eq!(gw.get("x", "/").await.0, 502);
+    assert_eq!(gw.get("x", "/").await.0, 502);
+    a.restart().await;
+    let back = std::time::Instant::now();
+    assert_eq!(
+        gw.get("x", "/").await.0,
+        200,
+        "served as soon as it is back"
+    );
+    assert!(back.elapsed() < Duration::from_secs(2));
+    let (_, up) = gw.admin("GET", "/v1/upstreams/u", None).await;
+    assert_eq!(up["live"][0]["passive_unhealthy"], false, "{up}");
+    assert!(up["live"][0]["failures"].as_u64().unwrap() >= 3, "{up}");
+}
