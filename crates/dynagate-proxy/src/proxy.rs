@@ -303,27 +303,35 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == PROXY_CONNECTION
 }
 
-/// Removes `Connection`, every header it names, and the fixed hop-by-hop headers.
+/// Headers a `Connection` token never removes: the message's Host and framing are not
+/// the sender's to take away hop by hop (a `Connection: content-length` would otherwise
+/// leave the next hop to guess where the body ends).
+fn connection_may_not_name(name: &HeaderName) -> bool {
+    name == header::HOST || name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING
+}
+
+/// Removes `Connection`, every header it names (except Host and the framing headers),
+/// and the fixed hop-by-hop headers.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Most messages carry none: one pass of cheap comparisons instead of a hashed
     // removal per name.
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    if let Some(conn) = headers.get(header::CONNECTION) {
-        let named: Vec<HeaderName> = conn
-            .to_str()
-            .unwrap_or("")
-            .split(',')
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            if !(keep_upgrade && name == header::UPGRADE) {
-                headers.remove(&name);
-            }
+    // Every Connection line counts, not only the first.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|name| !connection_may_not_name(name))
+        .collect();
+    for name in named {
+        if !(keep_upgrade && name == header::UPGRADE) {
+            headers.remove(&name);
         }
-        headers.remove(header::CONNECTION);
     }
+    headers.remove(header::CONNECTION);
     headers.remove(&KEEP_ALIVE);
     headers.remove(&PROXY_CONNECTION);
     headers.remove(header::TE);
@@ -801,4 +809,32 @@ async fn proxy_upgrade(
     );
     let resp = error_response(status, message);
     ctx.finish(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_tokens_never_remove_host_or_framing_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a.example"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("Host, content-length, x-secret"),
+        );
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("transfer-encoding, x-other"),
+        );
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h[header::HOST], "a.example");
+        assert_eq!(h[header::CONTENT_LENGTH], "5");
+        // Every Connection line is read, not only the first.
+        assert!(!h.contains_key("x-secret") && !h.contains_key("x-other"));
+        assert!(!h.contains_key(header::CONNECTION));
+    }
 }
