@@ -39,6 +39,9 @@ pub struct Worker {
     pub h1_pool: Pool<UpConn>,
     pub access_log: Option<Arc<AccessLog>>,
     pub counters: Arc<GlobalCounters>,
+    /// Forward header names containing `_` (dropped otherwise: proxies that map `_` and
+    /// `-` to the same CGI-style name would let a client forge a header behind them).
+    pub underscores_in_headers: bool,
 }
 
 /// Requests that never reached an upstream, by cause (for metrics).
@@ -118,6 +121,9 @@ pub async fn handle(
     if let Err(why) = screen(&req) {
         worker.counters.bad_request.fetch_add(1, Ordering::Relaxed);
         return ctx.finish(error_response(StatusCode::BAD_REQUEST, why));
+    }
+    if !worker.underscores_in_headers {
+        drop_underscore_headers(req.headers_mut());
     }
 
     // 2. route
@@ -277,6 +283,23 @@ fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
     req.uri()
         .authority()
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+}
+
+/// Removes header names containing `_` (see `Worker::underscores_in_headers`).
+fn drop_underscore_headers(headers: &mut HeaderMap) {
+    let has_underscore = |name: &HeaderName| name.as_str().as_bytes().contains(&b'_');
+    // Nearly every request has none: one scan, no allocation.
+    if !headers.keys().any(has_underscore) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| has_underscore(n))
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(&name);
+    }
 }
 
 fn is_upgrade(req: &Request<Incoming>) -> bool {
@@ -836,5 +859,16 @@ mod tests {
         // Every Connection line is read, not only the first.
         assert!(!h.contains_key("x-secret") && !h.contains_key("x-other"));
         assert!(!h.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn header_names_with_underscores_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert("x_user", HeaderValue::from_static("admin"));
+        h.append("x_user", HeaderValue::from_static("root"));
+        h.insert("x-user", HeaderValue::from_static("guest"));
+        drop_underscore_headers(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-user"], "guest");
     }
 }
