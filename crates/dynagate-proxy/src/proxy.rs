@@ -1,9 +1,12 @@
 //! The life of one proxied request, phase by phase:
 //!
-//! 1. `screen`: refuse ambiguous or malformed requests (smuggling guards)
-//! 2. `route`: host + path + method → route (404 if none)
+//! 1. `screen`: refuse ambiguous or malformed requests (smuggling guards), targets
+//!    other than origin-form or absolute http(s), invalid or conflicting hosts, paths
+//!    that do not normalise; drop header names with `_`
+//! 2. `route`: host + normalised path + method → route (404 if none)
 //! 3. `select`: the balancer picks a server that takes new requests (503 if none)
-//! 4. `upstream_request`: hop-by-hop headers out, X-Forwarded-* in, Host
+//! 4. `upstream_request`: origin-form target (the normalised path unless the route
+//!    forwards the original), hop-by-hop headers out, X-Forwarded-* in, Host
 //! 5. `send`: pooled or new connection; retries on another server only when safe
 //!    (nothing sent, or idempotent and nothing received)
 //! 6. `response`: hop-by-hop headers out, body streamed back; the connection returns
@@ -18,12 +21,15 @@ use crate::h1::io::UpConn;
 use crate::pool::{self, Pool, Sender};
 use crate::routing::normalize_host;
 use crate::runtime::{InFlight, Pick, ServerRuntime, Snapshot, UpstreamRuntime};
+use crate::uri::{normalize_path, validate_host};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -39,6 +45,9 @@ pub struct Worker {
     pub h1_pool: Pool<UpConn>,
     pub access_log: Option<Arc<AccessLog>>,
     pub counters: Arc<GlobalCounters>,
+    /// Forward header names containing `_` (dropped otherwise: proxies that map `_` and
+    /// `-` to the same CGI-style name would let a client forge a header behind them).
+    pub underscores_in_headers: bool,
 }
 
 /// Requests that never reached an upstream, by cause (for metrics).
@@ -115,33 +124,27 @@ pub async fn handle(
     };
 
     // 1. screen
-    if let Err(why) = screen(&req) {
-        worker.counters.bad_request.fetch_add(1, Ordering::Relaxed);
-        return ctx.finish(error_response(StatusCode::BAD_REQUEST, why));
+    let (normalized_path, host_value) = match screen_request(&req) {
+        Ok(screened) => screened,
+        Err(why) => {
+            worker.counters.bad_request.fetch_add(1, Ordering::Relaxed);
+            return ctx.finish(error_response(StatusCode::BAD_REQUEST, why));
+        }
+    };
+    if !worker.underscores_in_headers {
+        drop_underscore_headers(req.headers_mut());
     }
 
     // 2. route
     let snapshot = worker.snapshots.load();
-    let host_value = request_host(&req);
-    let host = normalize_host(
-        host_value
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or(""),
-    );
-    let Some(route) = snapshot
-        .routes
-        .find(&host, req.uri().path(), req.method().as_str())
-    else {
-        tracing::debug!(host = %host, path = req.uri().path(), "no route");
+    let host = normalize_host(host_value.to_str().unwrap_or(""));
+    let path = normalized_path.as_deref().unwrap_or(req.uri().path());
+    let Some(route) = snapshot.routes.find(&host, path, req.method().as_str()) else {
+        tracing::debug!(host = %host, path, "no route");
         worker.counters.no_route.fetch_add(1, Ordering::Relaxed);
         let resp = error_response(
             StatusCode::NOT_FOUND,
-            format!(
-                "dynagate: no route for host {:?} path {:?}",
-                &*host,
-                req.uri().path()
-            ),
+            format!("dynagate: no route for host {:?} path {:?}", &*host, path),
         );
         return ctx.finish(resp);
     };
@@ -165,9 +168,14 @@ pub async fn handle(
 
     // 4. upstream_request (before selection: it does not depend on the server)
     let upstream_host = route.upstream_host_value.as_deref().cloned();
+    let forward_path = normalized_path.filter(|_| !route.forward_original_path);
     drop(host);
-    upstream_request(&mut req, client, host_value, upstream_host, upgrade);
     drop(snapshot);
+    if let Err(why) = origin_form(req.uri_mut(), forward_path) {
+        worker.counters.bad_request.fetch_add(1, Ordering::Relaxed);
+        return ctx.finish(error_response(StatusCode::BAD_REQUEST, why));
+    }
+    upstream_request(&mut req, client, host_value, upstream_host, upgrade);
 
     if upgrade {
         return proxy_upgrade(&mut ctx, req, &upstream).await;
@@ -244,8 +252,21 @@ pub(crate) fn hash_key_with<'a>(
     Some(crate::balance::hash64(&value))
 }
 
+/// Every refusal of phase 1. Returns the normalised path (`None` when the client's is
+/// already normal) and the effective host.
+fn screen_request<B>(req: &Request<B>) -> Result<(Option<String>, HeaderValue), Cow<'static, str>> {
+    screen(req)?;
+    screen_target(req)?;
+    let normalized = match normalize_path(req.uri().path()) {
+        Ok(Cow::Borrowed(_)) => None,
+        Ok(Cow::Owned(path)) => Some(path),
+        Err(why) => return Err(format!("dynagate: bad request: {why}").into()),
+    };
+    Ok((normalized, effective_host(req)?))
+}
+
 /// Refuses requests whose framing could be read two ways (request smuggling).
-fn screen(req: &Request<Incoming>) -> Result<(), &'static str> {
+fn screen<B>(req: &Request<B>) -> Result<(), &'static str> {
     let headers = req.headers();
     if headers.contains_key(header::TRANSFER_ENCODING) {
         if headers.contains_key(header::CONTENT_LENGTH) {
@@ -269,14 +290,102 @@ fn screen(req: &Request<Incoming>) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// The Host header, or the authority of an HTTP/2 request.
-fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
-    if let Some(h) = req.headers().get(header::HOST) {
-        return Some(h.clone());
+/// Refuses request-targets other than origin-form (`/…`) or absolute `http(s)://…`:
+/// `*`, a bare name, CONNECT's authority-form, other schemes.
+fn screen_target<B>(req: &Request<B>) -> Result<(), &'static str> {
+    if req.method() == Method::CONNECT {
+        return Err("dynagate: bad request: CONNECT is not supported");
     }
-    req.uri()
-        .authority()
-        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    let uri = req.uri();
+    if let Some(scheme) = uri.scheme_str() {
+        if !(scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")) {
+            return Err("dynagate: bad request: scheme is not http or https");
+        }
+    }
+    // The raw target, not `Uri::path()`, which reads `?q` as `/?q`.
+    let target = uri.path_and_query().map_or("", PathAndQuery::as_str);
+    if !target.starts_with('/') {
+        return Err("dynagate: bad request: request-target is not origin-form or absolute-form");
+    }
+    Ok(())
+}
+
+/// The host the request is for: the authority (HTTP/2 `:authority`, or an absolute
+/// target) if there is one, else the Host header; it must be a valid `host[:port]`. A
+/// Host header differing from the authority is refused (RFC 9113 §8.3.1): routing on
+/// one while the backend trusts the other is how a request reaches the wrong site.
+fn effective_host<B>(req: &Request<B>) -> Result<HeaderValue, Cow<'static, str>> {
+    let bad = |why: &str| Cow::Owned(format!("dynagate: bad request: {why}"));
+    let host_header = req.headers().get(header::HOST);
+    let Some(authority) = req.uri().authority() else {
+        let host = host_header.ok_or(Cow::Borrowed(
+            "dynagate: bad request: no :authority and no Host",
+        ))?;
+        validate_host(host.as_bytes()).map_err(bad)?;
+        return Ok(host.clone());
+    };
+    validate_host(authority.as_str().as_bytes()).map_err(bad)?;
+    if let Some(host) = host_header {
+        let https = req
+            .uri()
+            .scheme_str()
+            .is_some_and(|s| s.eq_ignore_ascii_case("https"));
+        if !same_authority(authority.as_str().as_bytes(), host.as_bytes(), https) {
+            return Err(Cow::Borrowed(
+                "dynagate: bad request: Host differs from :authority",
+            ));
+        }
+    }
+    HeaderValue::from_str(authority.as_str()).map_err(|_| bad("invalid :authority"))
+}
+
+/// Whether two `host[:port]` values name the same authority: case-insensitively, with
+/// the scheme's default port the same as none (RFC 3986 §6.2.3, scheme-based
+/// normalisation, as RFC 9113 §8.3.1 asks of intermediaries).
+fn same_authority(a: &[u8], b: &[u8], https: bool) -> bool {
+    let default_port: &[u8] = if https { b":443" } else { b":80" };
+    let a = a.strip_suffix(default_port).unwrap_or(a);
+    let b = b.strip_suffix(default_port).unwrap_or(b);
+    a.eq_ignore_ascii_case(b)
+}
+
+/// Removes header names containing `_` (see `Worker::underscores_in_headers`).
+fn drop_underscore_headers(headers: &mut HeaderMap) {
+    let has_underscore = |name: &HeaderName| name.as_str().as_bytes().contains(&b'_');
+    // Nearly every request has none: one scan, no allocation.
+    if !headers.keys().any(has_underscore) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| has_underscore(n))
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(&name);
+    }
+}
+
+/// Makes `uri` origin-form (HTTP/2 requests arrive absolute) and, when given, puts the
+/// normalised path in place of the client's, keeping the query as it came.
+fn origin_form(uri: &mut Uri, normalized_path: Option<String>) -> Result<(), &'static str> {
+    if uri.scheme().is_none() && uri.authority().is_none() && normalized_path.is_none() {
+        return Ok(());
+    }
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.scheme = None;
+    parts.authority = None;
+    if let Some(path) = normalized_path {
+        let target = match parts.path_and_query.as_ref().and_then(PathAndQuery::query) {
+            Some(query) => format!("{path}?{query}"),
+            None => path,
+        };
+        let target = PathAndQuery::try_from(target)
+            .map_err(|_| "dynagate: bad request: normalised path is not a valid target")?;
+        parts.path_and_query = Some(target);
+    }
+    *uri = Uri::from_parts(parts).map_err(|_| "dynagate: bad request: invalid request-target")?;
+    Ok(())
 }
 
 fn is_upgrade(req: &Request<Incoming>) -> bool {
@@ -303,27 +412,35 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == PROXY_CONNECTION
 }
 
-/// Removes `Connection`, every header it names, and the fixed hop-by-hop headers.
+/// Headers a `Connection` token never removes: the message's Host and framing are not
+/// the sender's to take away hop by hop (a `Connection: content-length` would otherwise
+/// leave the next hop to guess where the body ends).
+fn connection_may_not_name(name: &HeaderName) -> bool {
+    name == header::HOST || name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING
+}
+
+/// Removes `Connection`, every header it names (except Host and the framing headers),
+/// and the fixed hop-by-hop headers.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Most messages carry none: one pass of cheap comparisons instead of a hashed
     // removal per name.
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    if let Some(conn) = headers.get(header::CONNECTION) {
-        let named: Vec<HeaderName> = conn
-            .to_str()
-            .unwrap_or("")
-            .split(',')
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            if !(keep_upgrade && name == header::UPGRADE) {
-                headers.remove(&name);
-            }
+    // Every Connection line counts, not only the first.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|name| !connection_may_not_name(name))
+        .collect();
+    for name in named {
+        if !(keep_upgrade && name == header::UPGRADE) {
+            headers.remove(&name);
         }
-        headers.remove(header::CONNECTION);
     }
+    headers.remove(header::CONNECTION);
     headers.remove(&KEEP_ALIVE);
     headers.remove(&PROXY_CONNECTION);
     headers.remove(header::TE);
@@ -350,24 +467,15 @@ impl Client {
     }
 }
 
+/// The upstream request's headers; `client_host` is the effective host (the authority
+/// wins over a Host header, which `effective_host` made sure does not differ).
 fn upstream_request(
     req: &mut Request<Incoming>,
     client: &Client,
-    client_host: Option<HeaderValue>,
+    client_host: HeaderValue,
     upstream_host: Option<HeaderValue>,
     upgrade: bool,
 ) {
-    // Origin-form target; HTTP/2 requests arrive in absolute form.
-    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map(|pq| pq.as_str())
-            .unwrap_or("/");
-        if let Ok(uri) = pq.parse::<Uri>() {
-            *req.uri_mut() = uri;
-        }
-    }
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);
@@ -385,12 +493,8 @@ fn upstream_request(
     }
     headers.insert(X_REAL_IP.clone(), client.ip_value.clone());
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    if let Some(h) = client_host {
-        if !headers.contains_key(header::HOST) {
-            headers.insert(header::HOST, h.clone());
-        }
-        headers.insert(X_FORWARDED_HOST.clone(), h);
-    }
+    headers.insert(header::HOST, client_host.clone());
+    headers.insert(X_FORWARDED_HOST.clone(), client_host);
     if let Some(h) = upstream_host {
         headers.insert(header::HOST, h);
     }
@@ -801,4 +905,168 @@ async fn proxy_upgrade(
     );
     let resp = error_response(status, message);
     ctx.finish(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(uri: &str, host: Option<&str>) -> Request<()> {
+        let mut b = Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header(header::HOST, h);
+        }
+        b.body(()).unwrap()
+    }
+
+    fn refusal(req: &Request<()>) -> String {
+        screen_request(req).unwrap_err().into_owned()
+    }
+
+    #[test]
+    fn targets_other_than_origin_or_absolute_http_are_refused() {
+        for target in ["*", "ftp://a.example/x"] {
+            let why = refusal(&request(target, Some("a.example")));
+            assert!(why.starts_with("dynagate: bad request:"), "{target}: {why}");
+        }
+        // hyper's h2 server hands over any `:path` `http` parses: `*` and a bare `?q`.
+        let bare = |target: &'static str| {
+            let mut parts = http::uri::Parts::default();
+            parts.path_and_query = Some(PathAndQuery::from_static(target));
+            Request::builder()
+                .uri(Uri::from_parts(parts).unwrap())
+                .header(header::HOST, "a.example")
+                .body(())
+                .unwrap()
+        };
+        assert!(refusal(&bare("*")).contains("not origin-form"));
+        assert!(refusal(&bare("?q")).contains("not origin-form"));
+        let connect = Request::builder()
+            .method(Method::CONNECT)
+            .uri("a.example:443")
+            .body(())
+            .unwrap();
+        assert!(refusal(&connect).contains("CONNECT"));
+        assert!(screen_request(&request("/x", Some("a.example"))).is_ok());
+        assert!(screen_request(&request("https://a.example/x", None)).is_ok());
+    }
+
+    #[test]
+    fn paths_that_do_not_normalise_are_refused_naming_why() {
+        let why = refusal(&request("http://a.example/a/../../x", None));
+        assert_eq!(why, "dynagate: bad request: path climbs above the root");
+        let why = refusal(&request("/%zz", Some("a.example")));
+        assert_eq!(
+            why,
+            "dynagate: bad request: invalid percent-encoding in path"
+        );
+    }
+
+    #[test]
+    fn the_normalised_path_is_returned_only_when_it_differs() {
+        let (path, _) = screen_request(&request("http://a.example/p/./x?q=./", None)).unwrap();
+        assert_eq!(path.as_deref(), Some("/p/x"));
+        let (path, _) = screen_request(&request("http://a.example/p/x?q=./", None)).unwrap();
+        assert_eq!(path, None);
+    }
+
+    #[test]
+    fn the_authority_is_the_host_and_a_differing_host_header_is_refused() {
+        let host = |uri: &str, h: Option<&str>| screen_request(&request(uri, h)).map(|s| s.1);
+        assert_eq!(host("http://a.example/", None).unwrap(), "a.example");
+        assert_eq!(host("/", Some("b.example")).unwrap(), "b.example");
+        // Same authority: case and the scheme's default port do not matter.
+        assert_eq!(
+            host("http://a.example/", Some("A.Example:80")).unwrap(),
+            "a.example"
+        );
+        assert_eq!(
+            host("https://a.example:443/", Some("a.example")).unwrap(),
+            "a.example:443"
+        );
+        for (uri, h) in [
+            ("http://a.example/", "b.example"),
+            ("http://a.example/", "a.example:8080"),
+            ("https://a.example/", "a.example:80"),
+        ] {
+            let why = host(uri, Some(h)).unwrap_err();
+            assert_eq!(
+                why, "dynagate: bad request: Host differs from :authority",
+                "{uri} {h}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_or_missing_hosts_are_refused() {
+        let why = |uri: &str, h: Option<&str>| refusal(&request(uri, h));
+        assert_eq!(
+            why("http://a..b/", None),
+            "dynagate: bad request: .. in host"
+        );
+        assert_eq!(
+            why("http://u@a.example/", None),
+            "dynagate: bad request: invalid character in host"
+        );
+        assert_eq!(
+            why("http://a.example:99999/", None),
+            "dynagate: bad request: port above 65535 in host"
+        );
+        assert_eq!(
+            why("/", Some("a b")),
+            "dynagate: bad request: invalid character in host"
+        );
+        assert_eq!(why("/", Some("")), "dynagate: bad request: empty host");
+        assert_eq!(
+            why("/", None),
+            "dynagate: bad request: no :authority and no Host"
+        );
+    }
+
+    #[test]
+    fn connection_tokens_never_remove_host_or_framing_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a.example"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("Host, content-length, x-secret"),
+        );
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("transfer-encoding, x-other"),
+        );
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h[header::HOST], "a.example");
+        assert_eq!(h[header::CONTENT_LENGTH], "5");
+        // Every Connection line is read, not only the first.
+        assert!(!h.contains_key("x-secret") && !h.contains_key("x-other"));
+        assert!(!h.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn header_names_with_underscores_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert("x_user", HeaderValue::from_static("admin"));
+        h.append("x_user", HeaderValue::from_static("root"));
+        h.insert("x-user", HeaderValue::from_static("guest"));
+        drop_underscore_headers(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-user"], "guest");
+    }
+
+    #[test]
+    fn origin_form_puts_the_normalised_path_before_the_query_as_it_came() {
+        let mut uri: Uri = "http://a.example/p/./x?q=%2e%2E/../&r".parse().unwrap();
+        origin_form(&mut uri, Some("/p/x".into())).unwrap();
+        assert_eq!(uri, "/p/x?q=%2e%2E/../&r");
+        let mut uri: Uri = "http://a.example/p/./x?q".parse().unwrap();
+        origin_form(&mut uri, None).unwrap();
+        assert_eq!(uri, "/p/./x?q");
+        let mut uri: Uri = "/p/x".parse().unwrap();
+        origin_form(&mut uri, Some("/p/y".into())).unwrap();
+        assert_eq!(uri, "/p/y");
+    }
 }

@@ -99,6 +99,8 @@ pub fn start(
             h1_pool: Pool::default(),
             access_log: options.access_log.clone(),
             counters: options.counters.clone(),
+            // wired to [limits] underscores_in_headers by the lead
+            underscores_in_headers: false,
         });
         let options = options.clone();
         let stop_rx = stop_rx.clone();

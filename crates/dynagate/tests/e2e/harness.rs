@@ -507,6 +507,19 @@ async fn backend_answer(
     resp
 }
 
+/// An HTTP/2 prior-knowledge connection to `addr`. Its requests carry their URI's
+/// authority as `:authority` (and their path as `:path`, byte for byte), whatever address
+/// the connection went to: `http://h2.example/x` reaches the gateway under test.
+pub async fn h2_connect(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<BoxBody> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
 /// A server that accepts connections and never answers: a hung process.
 pub async fn hung_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

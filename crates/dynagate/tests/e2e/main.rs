@@ -7,6 +7,7 @@ mod algorithms;
 mod balancing;
 mod churn;
 mod durability;
+mod h2_hardening;
 mod health;
 mod http1;
 mod lifecycle;
