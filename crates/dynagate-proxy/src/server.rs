@@ -99,8 +99,7 @@ pub fn start(
             h1_pool: Pool::default(),
             access_log: options.access_log.clone(),
             counters: options.counters.clone(),
-            // wired to [limits] underscores_in_headers by the lead
-            underscores_in_headers: false,
+            underscores_in_headers: options.underscores_in_headers,
         });
         let options = options.clone();
         let stop_rx = stop_rx.clone();
