@@ -37,6 +37,7 @@ use wire::{Exchange, Opts};
 /// | methods.test | `/` (GET only) | main |
 /// | upgrade.test | `/` | main (answers 101 to an upgrade of `/ws…`) |
 /// | uhost.test | `/` (upstream_host internal.test) | main |
+/// | orig.test | `/public` (forward_original_path) | public |
 /// | refused.test | `/` | a port nobody listens on |
 /// | empty.test | `/` | an upstream without servers |
 /// | hung.test | `/` | a server that never answers (read_timeout 300ms) |
@@ -56,7 +57,14 @@ struct Env {
 
 async fn env(tag: &str) -> Env {
     let dir = TempDir::new(tag);
-    let gw = Gateway::start_with(dir.path(), &["--workers", "1"]).await;
+    // The spec's body limit (100 MiB), so the 413 paths are reached whatever the default.
+    let cfg = dir.path().join("dynagate.toml");
+    std::fs::write(&cfg, "[limits]\nmax_body_bytes = 104857600\n").unwrap();
+    let gw = Gateway::start_with(
+        dir.path(),
+        &["--workers", "1", "--config", cfg.to_str().unwrap()],
+    )
+    .await;
     let main = Recorder::start(Kind::Plain).await;
     let public = Recorder::start(Kind::Plain).await;
     let probe = Recorder::start(Kind::Probe).await;
@@ -120,6 +128,10 @@ async fn env(tag: &str) -> Env {
         (
             "uhost",
             json!({"hosts": ["uhost.test"], "path_prefix": "/", "upstream": "main", "upstream_host": "internal.test"}),
+        ),
+        (
+            "orig",
+            json!({"hosts": ["orig.test"], "path_prefix": "/public", "upstream": "public", "forward_original_path": true}),
         ),
         (
             "refused",

@@ -108,6 +108,12 @@ http {{
     }}
     server {{
         listen {listen};
+        server_name orig.test;
+        location /public {{ proxy_pass http://public; }}
+        location / {{ return 404; }}
+    }}
+    server {{
+        listen {listen};
         server_name refused.test;
         location / {{ proxy_pass http://refused; }}
     }}
