@@ -372,10 +372,22 @@ pub struct Route {
     /// backends that need the exact encoding). Routing always uses the normalised path.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub forward_original_path: bool,
+    /// Read a request body up to `[limits] request_buffer_bytes` whole before a server is
+    /// chosen (default); `false` streams every body as it arrives (large uploads).
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub request_buffering: bool,
 }
 
 pub fn default_path_prefix() -> String {
     "/".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_yes(b: &bool) -> bool {
+    *b
 }
 
 impl Route {
@@ -388,6 +400,7 @@ impl Route {
             upstream: upstream.into(),
             upstream_host: None,
             forward_original_path: false,
+            request_buffering: true,
         }
     }
 }

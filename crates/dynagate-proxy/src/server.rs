@@ -21,6 +21,10 @@ use tokio::sync::watch;
 /// a gateway carries uploads of any size; `[limits] max_body_bytes` sets one.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 0;
 
+/// Request bodies read whole before they are sent: 64 KiB (nginx keeps 16 KiB in memory
+/// and the rest in a temporary file; past this dynagate streams instead).
+pub const DEFAULT_REQUEST_BUFFER_BYTES: usize = 64 * 1024;
+
 #[derive(Debug, Clone)]
 pub struct ProxyOptions {
     pub listen: SocketAddr,
@@ -34,6 +38,12 @@ pub struct ProxyOptions {
     pub max_body_bytes: u64,
     /// Forward request header names containing `_` (dropped by default, as nginx does).
     pub underscores_in_headers: bool,
+    /// Request bodies up to this size are read whole before a server is chosen; 0 = off.
+    pub request_buffer_bytes: usize,
+    /// Longest wait for the next piece of a request body (408 after it).
+    pub body_read_timeout: Duration,
+    /// Longest wait for a client to take more of a response (the connection closes).
+    pub send_timeout: Duration,
     pub h2_max_concurrent_streams: u32,
     pub access_log: Option<Arc<AccessLog>>,
     /// Shared with the metrics endpoint.
@@ -50,6 +60,10 @@ impl Default for ProxyOptions {
             max_headers: 100,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             underscores_in_headers: false,
+            request_buffer_bytes: DEFAULT_REQUEST_BUFFER_BYTES,
+            // nginx's client_body_timeout and send_timeout.
+            body_read_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
             h2_max_concurrent_streams: 128,
             access_log: None,
             counters: Arc::default(),
@@ -168,9 +182,11 @@ async fn serve(
             header_read_timeout: options.header_read_timeout,
             max_header_bytes: options.max_header_bytes,
             max_headers: options.max_headers,
-            body_read_timeout: BODY_READ_TIMEOUT,
+            body_read_timeout: options.body_read_timeout,
             max_body_bytes: options.max_body_bytes,
             underscores_in_headers: options.underscores_in_headers,
+            request_buffer_bytes: options.request_buffer_bytes,
+            send_timeout: options.send_timeout,
         },
         drain: Arc::new(Drain::default()),
         h2: http2_builder(&options),
@@ -222,9 +238,6 @@ async fn serve(
 /// How often idle keep-alive connections past their deadline are closed: the idle
 /// timeout is kept to within this.
 const IDLE_TICK: Duration = Duration::from_millis(250);
-
-/// Longest wait for the next piece of a request body (nginx's client_body_timeout).
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// For tests and embedding: the response body type the proxy produces.
 pub type Body = ProxyBody;

@@ -17,7 +17,10 @@ use std::borrow::Cow;
 /// - `.` and `..` segments are resolved (§5.2.4), after decoding (`%2e%2e` is `..`);
 ///   a `..` above the root is an error, not silently dropped;
 /// - a trailing slash is kept (`/a/.` → `/a/`, `/a/..` → `/`);
-/// - `%00`, a raw NUL, or a `%` not followed by two hex digits is an error.
+/// - `%00`, a raw NUL, or a `%` not followed by two hex digits is an error;
+/// - so are a raw `\` (not a pchar, RFC 3986 §3.3; IIS-style servers read it as `/`) and
+///   a `.` or `..` segment with parameters (`..;x`: Tomcat-style servers drop the
+///   parameters and climb).
 ///
 /// An already-normal path is returned borrowed, found by one scan without allocating.
 pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, &'static str> {
@@ -37,7 +40,7 @@ fn is_normal(path: &[u8]) -> bool {
     let at = |i: usize| path.get(i).copied();
     for (i, &b) in path.iter().enumerate() {
         match b {
-            0 => return false,
+            0 | b'\\' => return false,
             b'%' => match (at(i + 1).and_then(upper_hex), at(i + 2).and_then(upper_hex)) {
                 (Some(hi), Some(lo)) if !is_unreserved((hi << 4) | lo) && (hi | lo) != 0 => {}
                 _ => return false,
@@ -45,8 +48,8 @@ fn is_normal(path: &[u8]) -> bool {
             b'/' => match at(i + 1) {
                 Some(b'/') => return false,
                 Some(b'.') => match at(i + 2) {
-                    None | Some(b'/') => return false,
-                    Some(b'.') if matches!(at(i + 3), None | Some(b'/')) => return false,
+                    None | Some(b'/' | b';') => return false,
+                    Some(b'.') if matches!(at(i + 3), None | Some(b'/' | b';')) => return false,
                     _ => {}
                 },
                 _ => {}
@@ -67,7 +70,11 @@ fn normalize_slow(path: &[u8]) -> Result<String, &'static str> {
         let start = out.len();
         out.push(b'/');
         decode_segment(raw, &mut out)?;
-        match &out[start + 1..] {
+        let segment = &out[start + 1..];
+        if segment.starts_with(b".;") || segment.starts_with(b"..;") {
+            return Err("dot segment with parameters (..;) in path");
+        }
+        match segment {
             // An empty segment is a doubled (or the final) slash.
             b"" | b"." => out.truncate(start),
             b".." => {
@@ -101,6 +108,9 @@ fn decode_segment(raw: &[u8], out: &mut Vec<u8>) -> Result<(), &'static str> {
         let b = raw[i];
         if b == 0 {
             return Err("NUL in path");
+        }
+        if b == b'\\' {
+            return Err("backslash in path");
         }
         if b != b'%' {
             out.push(b);
@@ -359,6 +369,23 @@ mod tests {
     }
 
     #[test]
+    fn backslashes_and_dot_segments_with_parameters_are_errors() {
+        for bad in [
+            "/public\\..\\admin",
+            "/a\\b",
+            "/public/..;/admin",
+            "/public/.;x/y",
+            "/public/%2e%2e;/admin",
+            "/..;",
+        ] {
+            assert!(normalize_path(bad).is_err(), "{bad}");
+        }
+        for ok in ["/a;jsessionid=1/b", "/a/..x;/b", "/a/x..;/b"] {
+            assert!(normalize_path(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
     fn trailing_slashes_are_kept() {
         assert_eq!(norm("/a/b/").unwrap(), "/a/b/");
         assert!(borrowed("/a/b/"));
@@ -530,6 +557,10 @@ mod tests {
                 Just("%41".to_string()),
                 Just("%c3%A9".to_string()),
                 Just("%25".to_string()),
+                Just("..;x".to_string()),
+                Just("%2e;".to_string()),
+                Just("a;b".to_string()),
+                Just("a\\b".to_string()),
                 "[a-zA-Z0-9._~%-]{1,6}",
                 "[a-z]{1,4}",
             ]
@@ -548,6 +579,9 @@ mod tests {
             let parts: Vec<&str> = p[1..].split('/').collect();
             let mut trailing = false;
             for (i, raw) in parts.iter().enumerate() {
+                if raw.contains('\\') {
+                    return Err(());
+                }
                 let mut seg = String::new();
                 let bytes = raw.as_bytes();
                 let mut j = 0;
@@ -570,6 +604,9 @@ mod tests {
                     }
                 }
                 let is_last = i + 1 == parts.len();
+                if seg.starts_with(".;") || seg.starts_with("..;") {
+                    return Err(());
+                }
                 match seg.as_str() {
                     "" | "." => trailing = is_last,
                     ".." => {

@@ -211,10 +211,14 @@ enum RouteCmd {
         /// path (routing still uses the normalised path)
         #[arg(long)]
         forward_original_path: bool,
+        /// Stream every request body as it arrives instead of reading bodies up to
+        /// `[limits] request_buffer_bytes` whole first (for large uploads)
+        #[arg(long)]
+        no_request_buffering: bool,
         /// Route JSON (`-` reads standard input)
         #[arg(long, value_name = "F.json",
               conflicts_with_all = ["upstream", "hosts", "path_prefix", "methods", "upstream_host",
-                                    "forward_original_path"])]
+                                    "forward_original_path", "no_request_buffering"])]
         file: Option<PathBuf>,
     },
     /// Delete a route
@@ -558,6 +562,7 @@ impl Ctx<'_> {
                 methods,
                 upstream_host,
                 forward_original_path,
+                no_request_buffering,
                 file,
             } => {
                 let body = match file {
@@ -573,6 +578,9 @@ impl Ctx<'_> {
                         }
                         if *forward_original_path {
                             body["forward_original_path"] = json!(true);
+                        }
+                        if *no_request_buffering {
+                            body["request_buffering"] = json!(false);
                         }
                         body
                     }

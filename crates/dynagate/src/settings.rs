@@ -92,6 +92,15 @@ pub struct Limits {
     /// Forward request header names containing `_` (dropped by default, as nginx's
     /// `underscores_in_headers off`: CGI-style origins read them as `-`).
     pub underscores_in_headers: bool,
+    /// Request bodies up to this size are read whole before a server is chosen (so a
+    /// slow client holds no upstream connection); larger ones stream. 0 = always stream.
+    pub request_buffer_bytes: usize,
+    /// Longest wait for the next piece of a request body (408 after it).
+    #[serde(with = "serde_duration")]
+    pub body_read_timeout: Duration,
+    /// Longest wait for a client to take more of a response (the connection closes).
+    #[serde(with = "serde_duration")]
+    pub send_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -124,6 +133,9 @@ impl Default for Limits {
             h2_max_concurrent_streams: 128,
             max_body_bytes: dynagate_proxy::server::DEFAULT_MAX_BODY_BYTES,
             underscores_in_headers: false,
+            request_buffer_bytes: dynagate_proxy::server::DEFAULT_REQUEST_BUFFER_BYTES,
+            body_read_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -165,6 +177,18 @@ impl Settings {
         }
         if l.header_read_timeout.is_zero() {
             return Err("limits.header_read_timeout: must be greater than 0".into());
+        }
+        if l.body_read_timeout.is_zero() {
+            return Err("limits.body_read_timeout: must be greater than 0".into());
+        }
+        if l.send_timeout.is_zero() {
+            return Err("limits.send_timeout: must be greater than 0".into());
+        }
+        if l.request_buffer_bytes > 64 * 1024 * 1024 {
+            return Err(format!(
+                "limits.request_buffer_bytes: {} is out of range 0-67108864",
+                l.request_buffer_bytes
+            ));
         }
         if !(1..=10_000).contains(&l.h2_max_concurrent_streams) {
             return Err("limits.h2_max_concurrent_streams: out of range 1-10000".into());

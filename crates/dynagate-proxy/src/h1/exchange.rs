@@ -16,10 +16,10 @@
 //! answered 101.
 
 use super::conn::{ClientConn, Next};
-use super::framing::BodyKind;
+use super::framing::{BodyKind, ChunkedDecoder};
 use super::head::{
-    write_simple, ClientConnection, HeadError, OutFraming, Parsed, RequestHead, ResponseHead,
-    UpstreamHeadCtx,
+    reframe_with_length, write_simple, ClientConnection, HeadError, OutFraming, Parsed,
+    RequestHead, ResponseHead, UpstreamHeadCtx,
 };
 use super::io::{pump, read_more, BodyCopy, PumpError, UpConn};
 use super::Shared;
@@ -39,6 +39,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+/// "Until the body is sent": far enough never to fire, near enough not to overflow.
+const NO_DEADLINE: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Most bytes asked for in one read of a request body read before it is sent.
+const BODY_READ_CHUNK: usize = 64 * 1024;
 /// Room for a response head's first read.
 const RESPONSE_HEAD_BUF: usize = 2048;
 /// Largest response head accepted from an upstream.
@@ -57,6 +61,7 @@ struct Info {
     is_head: bool,
     body: BodyKind,
     idempotent: bool,
+    expects_continue: bool,
 }
 
 /// What one request carries through its phases, for metrics and the log.
@@ -71,6 +76,9 @@ struct Ctx<'a> {
     keepalive: u32,
     log: Option<Entry>,
     info: Info,
+    /// dynagate answered `100 Continue` itself (reading the body first): the upstream's
+    /// is not forwarded again.
+    continued: bool,
 }
 
 pub async fn proxy(conn: &mut ClientConn, shared: &Shared, head: RequestHead) -> Next {
@@ -83,6 +91,7 @@ pub async fn proxy(conn: &mut ClientConn, shared: &Shared, head: RequestHead) ->
         is_head: head.is_head(buf),
         body: head.body(),
         idempotent: is_idempotent_str(method),
+        expects_continue: head.expects_continue(),
     };
     let mut ctx = Ctx {
         shared,
@@ -95,6 +104,7 @@ pub async fn proxy(conn: &mut ClientConn, shared: &Shared, head: RequestHead) ->
             .as_ref()
             .map(|_| log_entry(&head, buf, conn.peer)),
         info,
+        continued: false,
     };
 
     // The request is consumed from here on: whatever is answered, the connection goes
@@ -195,8 +205,20 @@ pub async fn proxy(conn: &mut ClientConn, shared: &Shared, head: RequestHead) ->
             underscores: shared.options.underscores_in_headers,
         },
     );
+    // Read only for a request with a body: most have none.
+    let buffering =
+        ctx.info.body != BodyKind::Empty && !upgrade && route.entry.route.request_buffering;
     drop(host);
     drop(snapshot);
+
+    // 4. body: one that fits `request_buffer_bytes` is read whole before a server is
+    // chosen (nginx's request buffering), so a slow client holds no upstream connection
+    // and cannot be blamed on a server, and an idempotent request can be sent again.
+    if buffering {
+        if let Err(next) = read_body_first(conn, &mut ctx, &mut up_head).await {
+            return next;
+        }
+    }
 
     if upgrade {
         return Box::pin(self::upgrade(conn, &mut ctx, &upstream, up_head)).await;
@@ -289,6 +311,94 @@ async fn simple(
     }
 }
 
+/// Reads a request body of at most `request_buffer_bytes` into the connection's buffer
+/// before it is sent. A chunked one is decoded in place and sent with a Content-Length
+/// (`up_head` re-framed). A larger body is left to stream; a client that stalls gets
+/// 408, one that closes gets nothing — neither is a server's failure.
+async fn read_body_first(
+    conn: &mut ClientConn,
+    ctx: &mut Ctx<'_>,
+    up_head: &mut Vec<u8>,
+) -> Result<(), Next> {
+    let limit = ctx.shared.options.request_buffer_bytes;
+    let timeout = ctx.shared.options.body_read_timeout;
+    let kind = ctx.info.body;
+    if limit == 0 || matches!(kind, BodyKind::Length(n) if n > limit as u64) {
+        return Ok(());
+    }
+    let mut scan = ChunkedDecoder::default();
+    let mut scanned = 0;
+    loop {
+        let have = conn.buf.len() - conn.pos;
+        let complete = match kind {
+            BodyKind::Length(n) => have as u64 >= n,
+            _ => {
+                let raw = &conn.buf[conn.pos + scanned..];
+                match scan.feed(raw, |_, _| {}) {
+                    Ok(used) => scanned += used,
+                    Err(e) => {
+                        let worker = &ctx.shared.worker;
+                        worker.counters.bad_request.fetch_add(1, Ordering::Relaxed);
+                        let why = format!("dynagate: bad request: invalid chunked body: {e}");
+                        return Err(simple(conn, ctx, 400, &why, true).await);
+                    }
+                }
+                if !scan.is_done() && scanned > limit {
+                    // Too large to hold: it streams from what is read so far.
+                    return Ok(());
+                }
+                scan.is_done()
+            }
+        };
+        if complete {
+            break;
+        }
+        if ctx.info.expects_continue && !ctx.continued {
+            // The client waits for this before it sends the body we wait for.
+            ctx.continued = true;
+            if conn
+                .stream
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .is_err()
+            {
+                return Err(Next::Close);
+            }
+        }
+        let room = (limit + 1).saturating_sub(have).clamp(1, BODY_READ_CHUNK);
+        match read_more(&mut conn.stream, &mut conn.buf, room, timeout).await {
+            Ok(0) => return Err(Next::Close),
+            Ok(_) => {}
+            Err(e) if e == "timed out" => {
+                let why = "dynagate: request timeout: the request body did not arrive in time";
+                return Err(simple(conn, ctx, 408, why, true).await);
+            }
+            Err(_) => return Err(Next::Close),
+        }
+    }
+    if kind == BodyKind::Chunked {
+        let raw = &conn.buf[conn.pos..conn.pos + scanned];
+        let mut data = Vec::with_capacity(scanned);
+        let mut decode = ChunkedDecoder::default();
+        // Scanned whole above: it decodes the same way.
+        let _ = decode.feed(raw, |a, b| data.extend_from_slice(&raw[a..b]));
+        let max_body = ctx.shared.options.max_body_bytes;
+        if max_body > 0 && data.len() as u64 > max_body {
+            let why = format!("dynagate: request body larger than {max_body} bytes");
+            return Err(simple(conn, ctx, 413, &why, true).await);
+        }
+        let len = data.len();
+        conn.buf.splice(conn.pos..conn.pos + scanned, data);
+        reframe_with_length(up_head, len as u64);
+        ctx.info.body = if len == 0 {
+            BodyKind::Empty
+        } else {
+            BodyKind::Length(len as u64)
+        };
+    }
+    Ok(())
+}
+
 /// Why no response head came from an upstream.
 enum HeadFail {
     /// Closed (or reset) before sending a byte: maybe a pooled connection the server
@@ -305,6 +415,7 @@ async fn response_head<R, W>(
     buf: &mut Vec<u8>,
     client: &mut W,
     forward_interim: bool,
+    continued: bool,
     timeout: Duration,
 ) -> Result<ResponseHead, HeadFail>
 where
@@ -322,7 +433,7 @@ where
                     if interim > MAX_INTERIM {
                         return Err(HeadFail::Bad("too many interim (1xx) responses".into()));
                     }
-                    if forward_interim {
+                    if forward_interim && !(continued && head.status == 100) {
                         // Rewritten as a final head is: nothing hop-by-hop passes.
                         let mut out = Vec::with_capacity(head.len);
                         let (same, default) = (OutFraming::Same, ClientConnection::Default);
@@ -382,6 +493,8 @@ enum Attempt {
     Failed(Failure, /* may go again */ bool),
     /// The client failed while sending its body: nobody to answer.
     ClientGone,
+    /// The client's body stopped arriving for `body_read_timeout`: 408.
+    ClientStalled,
     /// The client's chunked body is malformed: it gets a 400 naming it.
     BadBody(String),
     /// The client's chunked body passed `max_body_bytes`: 413.
@@ -512,6 +625,10 @@ async fn send(
                 }
             }
             Attempt::ClientGone => return Next::Close,
+            Attempt::ClientStalled => {
+                let why = "dynagate: request timeout: the request body did not arrive in time";
+                return simple(conn, ctx, 408, why, true).await;
+            }
             // Not the server's fault: its connection (holding part of the body) is dropped.
             Attempt::BadBody(e) => {
                 worker.counters.bad_request.fetch_add(1, Ordering::Relaxed);
@@ -592,6 +709,7 @@ async fn send_buffered(
         &mut up.buf,
         &mut conn.stream,
         forward,
+        ctx.continued,
         read_timeout,
     )
     .await
@@ -642,6 +760,8 @@ async fn send_streaming(
                 _ => OutFraming::Same,
             },
             read_timeout: body_timeout,
+            // An upstream that stops taking the body is as slow as one that stops answering.
+            write_timeout: read_timeout,
             limit: ctx.shared.options.max_body_bytes,
         };
         let body = pump(
@@ -652,13 +772,19 @@ async fn send_streaming(
             Vec::new(),
             copy,
         );
-        let head = response_head(&mut up_r, buf, &mut client_w, forward, read_timeout);
-        tokio::pin!(body, head);
+        // The upstream's read timeout runs from the end of the body, as nginx's
+        // proxy_read_timeout: a client sending slowly is not the server being slow.
+        let head = response_head(&mut up_r, buf, &mut client_w, forward, false, NO_DEADLINE);
+        let answer_due = tokio::time::sleep(NO_DEADLINE);
+        tokio::pin!(body, head, answer_due);
         let mut body_done: Option<Result<u64, PumpError>> = None;
         let head = loop {
             tokio::select! {
                 sent = &mut body, if body_done.is_none() => {
                     match &sent {
+                        Err(PumpError::Read(e)) if e == "timed out" => {
+                            return Attempt::ClientStalled;
+                        }
                         Err(PumpError::Read(e)) => {
                             tracing::debug!(error = %e, "client request body failed");
                             return Attempt::ClientGone;
@@ -668,8 +794,10 @@ async fn send_streaming(
                         _ => {}
                     }
                     body_done = Some(sent);
+                    answer_due.as_mut().reset(tokio::time::Instant::now() + read_timeout);
                 }
                 head = &mut head => break head,
+                () = &mut answer_due => break Err(HeadFail::Timeout),
             }
         };
         (head, matches!(body_done, Some(Ok(_))))
@@ -732,6 +860,7 @@ async fn respond(
         kind,
         framing,
         read_timeout: ctx.read_timeout,
+        write_timeout: ctx.shared.options.send_timeout,
         limit: 0,
     };
     let result = pump(
@@ -769,6 +898,18 @@ async fn respond(
             (0, Next::Close)
         }
         Err(PumpError::Write(_)) => (0, Next::Close),
+        Err(PumpError::Unsent(e)) => {
+            // Nothing reached the client yet: it gets a 502 naming the fault.
+            server.stats.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(upstream = %upstream.spec.name, server = %server.key, error = %e, "upstream body failed");
+            drop(in_flight);
+            drop(log);
+            let why = format!(
+                "dynagate: upstream {:?} server {} sent a broken body: {e}",
+                upstream.spec.name, server.key
+            );
+            return simple(conn, ctx, 502, &why, true).await;
+        }
     };
     drop(in_flight);
     if let Some(log) = log {
@@ -841,6 +982,7 @@ async fn upgrade(
             &mut up.buf,
             &mut conn.stream,
             true,
+            false,
             spec.read_timeout,
         )
         .await

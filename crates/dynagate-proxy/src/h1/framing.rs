@@ -15,9 +15,9 @@ pub enum BodyKind {
 /// reach the upstream either; it reads them and drops them).
 const MAX_EXTENSION: usize = 4096;
 const MAX_TRAILERS: usize = 16 * 1024;
-/// Hex digits of a chunk size, leading zeros included (the value itself is bounded by
-/// i64::MAX, as nginx bounds it by off_t).
-const MAX_SIZE_DIGITS: u32 = 64;
+/// Hex digits of a chunk size, leading zeros included: 16 is as long as an i64 gets
+/// (the value itself is bounded by i64::MAX, as nginx bounds it by off_t).
+const MAX_SIZE_DIGITS: u32 = 16;
 
 /// What comes after `0\r\n\r\n`: nothing of a chunked body is forwarded as received.
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";

@@ -109,6 +109,7 @@ struct Framing {
     bad_length: bool,
     /// An `Expect` other than `100-continue` (417).
     expect_unknown: bool,
+    expect_continue: bool,
 }
 
 fn framing(buf: &[u8], headers: &[HeaderAt]) -> Framing {
@@ -142,7 +143,9 @@ fn framing(buf: &[u8], headers: &[HeaderAt]) -> Framing {
             f.upgrade_h2c |=
                 tokens(value).any(|t| t.len() >= 3 && t[..3].eq_ignore_ascii_case(b"h2c"));
         } else if is(name, "expect") {
-            f.expect_unknown |= !trim_ows(value).eq_ignore_ascii_case(b"100-continue");
+            let continue_ = trim_ows(value).eq_ignore_ascii_case(b"100-continue");
+            f.expect_continue |= continue_;
+            f.expect_unknown |= !continue_;
         }
     }
     f
@@ -362,8 +365,19 @@ impl RequestHead {
                 )
             }
         }
+        if !at(buf, self.method)
+            .iter()
+            .all(|b| b.is_ascii_uppercase() || *b == b'-' || *b == b'_')
+        {
+            // Methods are case-sensitive tokens; like nginx, take upper-case ones only.
+            return refuse(400, "invalid method");
+        }
+        // RFC 9112 §3.2: 400 for an HTTP/1.1 request without a Host line, even when its
+        // target is absolute-form (whose authority then wins).
+        if self.host.is_none() && self.minor_version >= 1 {
+            return refuse(400, "HTTP/1.1 request without Host");
+        }
         match self.host(buf) {
-            None if self.minor_version >= 1 => return refuse(400, "HTTP/1.1 request without Host"),
             None => {}
             Some(host) => {
                 if let Err(why) = crate::uri::validate_host(host) {
@@ -375,6 +389,12 @@ impl RequestHead {
             return refuse(417, "unsupported Expect");
         }
         Ok(())
+    }
+
+    /// The client waits for `100 Continue` before it sends its body (HTTP/1.1 only: an
+    /// HTTP/1.0 client's expectation is ignored, RFC 9110 §10.1.1).
+    pub fn expects_continue(&self) -> bool {
+        self.minor_version >= 1 && self.framing.expect_continue
     }
 
     /// The declared body length, if any (also 0).
@@ -497,6 +517,19 @@ impl RequestHead {
     }
 }
 
+/// Turns an upstream head written for a chunked body into one for a body of `len` bytes
+/// (a chunked request body read whole and decoded): `write_upstream` writes the
+/// Transfer-Encoding line last, so it is that line that is replaced.
+pub fn reframe_with_length(up_head: &mut Vec<u8>, len: u64) {
+    const CHUNKED_END: &[u8] = b"transfer-encoding: chunked\r\n\r\n";
+    debug_assert!(up_head.ends_with(CHUNKED_END));
+    if up_head.ends_with(CHUNKED_END) {
+        up_head.truncate(up_head.len() - CHUNKED_END.len());
+        push_length(up_head, len);
+        up_head.extend_from_slice(b"\r\n");
+    }
+}
+
 pub struct UpstreamHeadCtx<'a> {
     pub client_ip: &'a str,
     pub upstream_host: Option<&'a [u8]>,
@@ -553,6 +586,9 @@ impl ResponseHead {
             Err(e) => return Err(HeadError::Invalid(parse_error(e))),
         };
         let status = resp.code.ok_or(HeadError::Invalid("no status"))?;
+        if !(100..=599).contains(&status) {
+            return Err(HeadError::Invalid("status outside 100-599"));
+        }
         let reason = resp.reason.unwrap_or("");
         let reason = if reason.is_empty() {
             (0, 0)

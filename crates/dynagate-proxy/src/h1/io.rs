@@ -48,6 +48,9 @@ pub enum PumpError {
     Framing(String),
     /// The body is longer than the copy's limit (a client gets a 413 for it).
     TooLarge(u64),
+    /// The source failed (as `Read` or `Framing`) before any byte, the head included,
+    /// reached the destination: it can still be answered (a client gets a 502).
+    Unsent(String),
     /// The destination went away.
     Write(io::Error),
 }
@@ -55,7 +58,7 @@ pub enum PumpError {
 impl std::fmt::Display for PumpError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            PumpError::Read(e) | PumpError::Framing(e) => write!(f, "{e}"),
+            PumpError::Read(e) | PumpError::Framing(e) | PumpError::Unsent(e) => write!(f, "{e}"),
             PumpError::TooLarge(limit) => write!(f, "body larger than {limit} bytes"),
             PumpError::Write(e) => write!(f, "{e}"),
         }
@@ -86,6 +89,11 @@ struct Out<'a, W> {
     dst: &'a mut W,
     pending: Vec<u8>,
     sent: u64,
+    /// Longest wait for the destination to take more (between two writes, as nginx's
+    /// send_timeout: a slow but moving reader is never cut).
+    write_timeout: Duration,
+    /// Something was written to the destination.
+    wrote: bool,
 }
 
 impl<W: AsyncWrite + Unpin> Out<'_, W> {
@@ -96,7 +104,8 @@ impl<W: AsyncWrite + Unpin> Out<'_, W> {
             return Ok(());
         }
         self.flush().await?;
-        self.dst.write_all(data).await.map_err(PumpError::Write)
+        self.wrote = true;
+        write_within(self.dst, data, self.write_timeout).await
     }
 
     /// Framing bytes: not counted as body.
@@ -114,23 +123,43 @@ impl<W: AsyncWrite + Unpin> Out<'_, W> {
 
     async fn flush(&mut self) -> Result<(), PumpError> {
         if !self.pending.is_empty() {
-            self.dst
-                .write_all(&self.pending)
-                .await
-                .map_err(PumpError::Write)?;
+            self.wrote = true;
+            write_within(self.dst, &self.pending, self.write_timeout).await?;
             self.pending.clear();
         }
         Ok(())
     }
 }
 
+/// Writes all of `data`, failing when the destination takes nothing for `timeout`.
+async fn write_within<W: AsyncWrite + Unpin>(
+    dst: &mut W,
+    mut data: &[u8],
+    timeout: Duration,
+) -> Result<(), PumpError> {
+    while !data.is_empty() {
+        match tokio::time::timeout(timeout, dst.write(data)).await {
+            Ok(Ok(0)) => return Err(PumpError::Write(io::ErrorKind::WriteZero.into())),
+            Ok(Ok(n)) => data = &data[n..],
+            Ok(Err(e)) => return Err(PumpError::Write(e)),
+            Err(_) => {
+                let e = io::Error::new(io::ErrorKind::TimedOut, "peer took nothing in time");
+                return Err(PumpError::Write(e));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// How one body is copied: how the source delimits it, how the destination gets it,
-/// the longest wait for the next bytes, and the most body bytes allowed (0: no limit).
+/// the longest waits for the source to send and the destination to take more, and the
+/// most body bytes allowed (0: no limit).
 #[derive(Debug, Clone, Copy)]
 pub struct BodyCopy {
     pub kind: BodyKind,
     pub framing: OutFraming,
     pub read_timeout: Duration,
+    pub write_timeout: Duration,
     pub limit: u64,
 }
 
@@ -156,13 +185,41 @@ where
         kind,
         framing,
         read_timeout,
+        write_timeout,
         limit,
     } = copy;
+    let with_head = !head.is_empty();
     let mut out = Out {
         dst,
         pending: head,
         sent: 0,
+        write_timeout,
+        wrote: false,
     };
+    let result = copy_body(src, buf, pos, &mut out, kind, framing, read_timeout, limit).await;
+    match result {
+        Err(PumpError::Read(e) | PumpError::Framing(e)) if with_head && !out.wrote => {
+            Err(PumpError::Unsent(e))
+        }
+        r => r,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn copy_body<R, W>(
+    src: &mut R,
+    buf: &mut Vec<u8>,
+    pos: &mut usize,
+    out: &mut Out<'_, W>,
+    kind: BodyKind,
+    framing: OutFraming,
+    read_timeout: Duration,
+    limit: u64,
+) -> Result<u64, PumpError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut remaining = match kind {
         BodyKind::Length(n) => n,
         _ => 0,
@@ -331,6 +388,7 @@ mod tests {
             kind,
             framing,
             read_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(5),
             limit: 0,
         };
         let r = pump(
@@ -376,6 +434,7 @@ mod tests {
             kind: BodyKind::Chunked,
             framing: OutFraming::Chunked,
             read_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(5),
             limit: 6,
         };
         let r = pump(&mut b, &mut buf, &mut pos, &mut dst, Vec::new(), copy).await;

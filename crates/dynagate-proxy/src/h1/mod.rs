@@ -40,6 +40,10 @@ pub struct ConnOptions {
     pub max_body_bytes: u64,
     /// Forward header names containing `_` instead of dropping them.
     pub underscores_in_headers: bool,
+    /// Request bodies up to this size are read whole before a server is chosen; 0 = off.
+    pub request_buffer_bytes: usize,
+    /// Longest wait for the client to take more of a response.
+    pub send_timeout: Duration,
 }
 
 /// What every connection of one worker shares.

@@ -38,6 +38,7 @@ use wire::{Exchange, Opts};
 /// | upgrade.test | `/` | main (answers 101 to an upgrade of `/ws…`) |
 /// | uhost.test | `/` (upstream_host internal.test) | main |
 /// | orig.test | `/public` (forward_original_path) | public |
+/// | stream.test | `/` (request_buffering off: bodies stream) | main |
 /// | refused.test | `/` | a port nobody listens on |
 /// | empty.test | `/` | an upstream without servers |
 /// | hung.test | `/` | a server that never answers (read_timeout 300ms) |
@@ -132,6 +133,10 @@ async fn env(tag: &str) -> Env {
         (
             "orig",
             json!({"hosts": ["orig.test"], "path_prefix": "/public", "upstream": "public", "forward_original_path": true}),
+        ),
+        (
+            "stream",
+            json!({"hosts": ["stream.test"], "path_prefix": "/", "upstream": "main", "request_buffering": false}),
         ),
         (
             "refused",

@@ -108,6 +108,11 @@ http {{
     }}
     server {{
         listen {listen};
+        server_name stream.test;
+        location / {{ proxy_pass http://main; proxy_request_buffering off; }}
+    }}
+    server {{
+        listen {listen};
         server_name orig.test;
         location /public {{ proxy_pass http://public; }}
         location / {{ return 404; }}

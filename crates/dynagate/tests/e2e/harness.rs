@@ -296,7 +296,8 @@ impl Drop for Gateway {
 
 /// A backend HTTP server. Every response carries `x-backend: <name>`.
 /// - `/slow?ms=N` answers after N ms
-/// - `/upload` reads the whole request body and answers with its length
+/// - `/upload` reads the body, answers its length, and tells how it was framed
+///   (`x-content-length`, `x-transfer-encoding`: the value, or `none`)
 /// - `/download?bytes=N` streams N bytes
 /// - `/ws` accepts a WebSocket and echoes messages
 /// - anything else answers with the name
@@ -419,6 +420,13 @@ async fn backend_answer(
             Response::new(full(name.to_string()))
         }
         "/upload" => {
+            let framing = |name: &str| {
+                req.headers()
+                    .get(name)
+                    .map(|v| v.to_str().unwrap_or("?").to_string())
+                    .unwrap_or_else(|| "none".into())
+            };
+            let (length, coding) = (framing("content-length"), framing("transfer-encoding"));
             let mut body = req.into_body();
             let mut total: u64 = 0;
             while let Some(frame) = body.frame().await {
@@ -431,7 +439,12 @@ async fn backend_answer(
                     Err(_) => break,
                 }
             }
-            Response::new(full(total.to_string()))
+            let mut r = Response::new(full(total.to_string()));
+            r.headers_mut()
+                .insert("x-content-length", length.parse().unwrap());
+            r.headers_mut()
+                .insert("x-transfer-encoding", coding.parse().unwrap());
+            r
         }
         "/download" => {
             let n = query_u64(&req, "bytes");

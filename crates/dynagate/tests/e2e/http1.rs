@@ -248,9 +248,16 @@ async fn pipelining_and_http10() {
         text.starts_with("HTTP/1.1 400") && text.contains("without Host"),
         "{text}"
     );
-    // ... unless its absolute-form target names the host.
+    // ... even when its absolute-form target names the host (as nginx does) ...
     let mut s = connect(&gw).await;
     s.write_all(b"GET http://x/abs HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let text = read_until_closed(&mut s, "connection closed after the 400").await;
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    // ... whose authority wins over the Host line when both are there.
+    let mut s = connect(&gw).await;
+    s.write_all(b"GET http://x/abs HTTP/1.1\r\nHost: other\r\n\r\n")
         .await
         .unwrap();
     let mut buf = Vec::new();

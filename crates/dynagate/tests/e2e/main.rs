@@ -14,4 +14,5 @@ mod lifecycle;
 mod observability;
 mod registry;
 mod routing;
+mod slow_clients;
 mod streaming;
