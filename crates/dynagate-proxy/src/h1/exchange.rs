@@ -1,16 +1,19 @@
 //! The life of one HTTP/1 request, phase by phase (the same phases as `crate::proxy`,
 //! on raw heads and sockets instead of hyper's types):
 //!
-//! 1. `screen`: refuse ambiguous or malformed framing (smuggling guards)
-//! 2. `route`: host + path + method → route (404 if none)
-//! 3. `upstream head`: written once — hop-by-hop out, X-Forwarded-* in, Host
-//! 4. `select`: the balancer picks a server that takes new requests (503 if none)
-//! 5. `send`: pooled or new connection; the head (and a body already read) in one
+//! 1. `screen`: refuse ambiguous or malformed framing, targets, hosts and paths
+//!    (smuggling and bypass guards); normalise the path
+//! 2. `route`: host + normalised path + method → route (404 if none)
+//! 3. `upstream head`: written once — hop-by-hop out, X-Forwarded-* in, Host, framing
+//! 4. `body`: a body up to `request_buffer_bytes` is read whole before any server is
+//!    chosen (`read_body_first`); a stalled one gets 408
+//! 5. `select`: the balancer picks a server that takes new requests (503 if none)
+//! 6. `send`: pooled or new connection; the head (and a body already read) in one
 //!    write; a streaming body is copied while the response head is awaited; retries on
 //!    another server only when safe (nothing sent, or idempotent and nothing received)
-//! 6. `respond`: the response head rewritten for the client, the body copied with its
-//!    framing; the upstream connection goes back to the pool when it was read to its
-//!    end; the in-flight count and the access-log entry end with the body
+//! 7. `respond`: the response head rewritten for the client, the body copied with its
+//!    framing; the upstream connection goes back to the pool when it was read exactly to
+//!    its end; the in-flight count and the access-log entry end with the body
 //!
 //! Upgrades (WebSocket) take `upgrade`: the tunnel opens only after the upstream
 //! answered 101.
