@@ -675,7 +675,7 @@ impl ResponseHead {
         connection: ClientConnection,
     ) {
         out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(itoa_buf(self.status as u64).as_bytes());
+        push_decimal(out, self.status as u64);
         out.push(b' ');
         let reason = at(buf, self.reason);
         if reason.is_empty() {
@@ -734,7 +734,7 @@ impl ResponseHead {
 
 fn push_length(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(b"content-length: ");
-    out.extend_from_slice(itoa_buf(n).as_bytes());
+    push_decimal(out, n);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -766,11 +766,11 @@ pub fn write_simple(out: &mut Vec<u8>, status: u16, body: &str, close: bool) {
         .and_then(|s| s.canonical_reason())
         .unwrap_or("");
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(itoa_buf(status as u64).as_bytes());
+    push_decimal(out, status as u64);
     out.push(b' ');
     out.extend_from_slice(reason.as_bytes());
     out.extend_from_slice(b"\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ");
-    out.extend_from_slice(itoa_buf(body.len() as u64 + 1).as_bytes());
+    push_decimal(out, body.len() as u64 + 1);
     if close {
         out.extend_from_slice(b"\r\nconnection: close");
     }
@@ -779,8 +779,19 @@ pub fn write_simple(out: &mut Vec<u8>, status: u16, body: &str, close: bool) {
     out.push(b'\n');
 }
 
-fn itoa_buf(n: u64) -> String {
-    n.to_string()
+/// Appends `n` in decimal without allocating (every response head writes one or two).
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 #[cfg(test)]
@@ -917,6 +928,15 @@ mod tests {
         }
         let ok = req("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert_eq!(ok.body(), BodyKind::Chunked);
+    }
+
+    #[test]
+    fn decimals_are_written_exactly() {
+        for n in [0u64, 7, 10, 99, 100, 65_535, u64::MAX] {
+            let mut out = Vec::new();
+            push_decimal(&mut out, n);
+            assert_eq!(out, n.to_string().as_bytes());
+        }
     }
 
     #[test]

@@ -131,21 +131,35 @@ impl<W: AsyncWrite + Unpin> Out<'_, W> {
     }
 }
 
-/// Writes all of `data`, failing when the destination takes nothing for `timeout`.
+/// Writes all of `data`, failing when the destination takes nothing for `timeout`. A
+/// write the socket takes at once (nearly all of them) arms no timer.
 async fn write_within<W: AsyncWrite + Unpin>(
     dst: &mut W,
     mut data: &[u8],
     timeout: Duration,
 ) -> Result<(), PumpError> {
     while !data.is_empty() {
-        match tokio::time::timeout(timeout, dst.write(data)).await {
-            Ok(Ok(0)) => return Err(PumpError::Write(io::ErrorKind::WriteZero.into())),
-            Ok(Ok(n)) => data = &data[n..],
-            Ok(Err(e)) => return Err(PumpError::Write(e)),
-            Err(_) => {
-                let e = io::Error::new(io::ErrorKind::TimedOut, "peer took nothing in time");
-                return Err(PumpError::Write(e));
-            }
+        let at_once = std::future::poll_fn(|cx| {
+            Poll::Ready(match Pin::new(&mut *dst).poll_write(cx, data) {
+                Poll::Ready(r) => Some(r),
+                Poll::Pending => None,
+            })
+        })
+        .await;
+        let written = match at_once {
+            Some(r) => r,
+            None => match tokio::time::timeout(timeout, dst.write(data)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let e = io::Error::new(io::ErrorKind::TimedOut, "peer took nothing in time");
+                    return Err(PumpError::Write(e));
+                }
+            },
+        };
+        match written {
+            Ok(0) => return Err(PumpError::Write(io::ErrorKind::WriteZero.into())),
+            Ok(n) => data = &data[n..],
+            Err(e) => return Err(PumpError::Write(e)),
         }
     }
     Ok(())
