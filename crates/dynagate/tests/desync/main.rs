@@ -919,11 +919,13 @@ fn combined_report(dir: &std::path::Path, cases: &[&RequestCase]) -> String {
         for r in &of {
             let _ = write!(out, " {} |", r.map(|r| r[3].as_str()).unwrap_or("not run"));
         }
-        let notes: Vec<&str> = of
+        let notes: Vec<String> = sections
             .iter()
-            .flatten()
-            .map(|r| r[4].as_str())
-            .filter(|n| !n.is_empty())
+            .zip(&of)
+            .filter_map(|((name, _), r)| {
+                r.filter(|r| !r[4].is_empty())
+                    .map(|r| format!("vs {name}: {}", r[4]))
+            })
             .collect();
         let _ = writeln!(out, " {} |", notes.join("; "));
     }
