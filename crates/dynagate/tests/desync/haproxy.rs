@@ -10,7 +10,9 @@
 //! `tune.http.maxhdr` 101 (the request line counts: 100 header lines). Timeouts: connect
 //! 1 s (the gateway's upstreams' `connect_timeout`), client 5 s (no `timeout http-request`
 //! or `http-keep-alive`: the client timeout stands for both), server 5 s, 300 ms for the
-//! hung.test backend (its `read_timeout`); one thread, as the gateway runs one worker.
+//! hung.test backend (its `read_timeout`); `retries 0` as the gateway's upstreams (HAProxy's
+//! 3 retries, a second apart, answer a refused connection after the client gave up
+//! waiting); one thread, as the gateway runs one worker.
 //! HAProxy 2.6 refuses (400) a websocket upgrade (`Connection: upgrade`, `Upgrade:
 //! websocket`) without a 24-character `Sec-WebSocket-Key`, HTTP/1.0 or not
 //! (src/mux_h1.c, `h1_search_websocket_key`).
@@ -89,6 +91,7 @@ defaults
     timeout connect 1s
     timeout client 5s
     timeout server 5s
+    retries 0
 
 frontend gateway
     bind {listen}
