@@ -76,6 +76,10 @@ pub struct RequestCase {
     /// comparison lists it apart instead of failing).
     #[serde(default)]
     pub nginx: Option<String>,
+    /// The same for HAProxy (`haproxy = "why"`): HAProxy refuses, by design, a case the
+    /// spec accepts knowingly.
+    #[serde(default)]
+    pub haproxy: Option<String>,
 }
 
 impl RequestCase {

@@ -1,7 +1,7 @@
 //! Differential desync corpus (issue 11): request and response cases, each the bytes of
 //! a published or hand-written payload and the outcome dynagate must have, run against
 //! the real binary in front of recording backends; the same request cases run against
-//! nginx too, and dynagate must be at least as strict.
+//! nginx and HAProxy too, and dynagate must be at least as strict as each (`compare`).
 //!
 //! The corpus is `requests.toml` and `responses.toml` beside this file; `corpus.rs`
 //! says how they are written.
@@ -11,6 +11,7 @@
 mod harness;
 
 mod corpus;
+mod haproxy;
 mod nginx;
 mod recorder;
 mod wire;
@@ -672,84 +673,98 @@ fn nginx_version(bin: &std::path::Path) -> String {
         .unwrap_or_default()
 }
 
-/// The same request cases through nginx (Debian's nginx-light, configured like the
-/// gateway): where nginx refuses and forwards nothing, dynagate forwards nothing too, and
-/// dynagate never delivers more requests than it answered. Writes the side-by-side table
-/// to `<target>/desync-report.md`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dynagate_is_at_least_as_strict_as_nginx() {
-    let Some(bin) = nginx::binary() else {
-        eprintln!("NOTICE: nginx is not installed; the nginx comparison is skipped (CI installs nginx-light)");
-        return;
-    };
+/// A proxy the request cases are compared with, in front of the same backends.
+struct Peer {
+    /// As the report names it: `nginx`, `HAProxy`.
+    name: &'static str,
+    /// Its test's and report section's name: `nginx`, `haproxy`.
+    key: &'static str,
+    addr: SocketAddr,
+    /// Its version and configuration, for the report.
+    about: String,
+    /// The case's annotation for this proxy (`nginx = "…"`, `haproxy = "…"`): it refuses
+    /// the case by design and the spec accepts it knowingly.
+    accepted: fn(&RequestCase) -> Option<&String>,
+}
+
+/// The proxies of the report, in its column order.
+const PEERS: [(&str, &str); 2] = [("nginx", "nginx"), ("haproxy", "HAProxy")];
+
+/// A table cell: `|` escaped, so a row splits on ` | `.
+fn cell(s: &str) -> String {
+    s.replace('|', "\\|")
+}
+
+fn forwarded(o: &ReqOutcome) -> String {
+    if o.forwarded_bytes() == 0 {
+        "nothing".to_string()
+    } else {
+        format!("{} req, {} B", o.delivered(), o.forwarded_bytes())
+    }
+}
+
+/// Every request case through dynagate and through `peer`: where the peer refuses
+/// (answers >= 400, or nothing, and forwards nothing) dynagate forwards nothing either,
+/// unless the case says why the peer is stricter by design; and dynagate never delivers
+/// more requests to a backend than it answered. Writes the peer's report section and
+/// rebuilds the whole report from the sections there are, then fails on any violation.
+async fn compare(env: &Env, peer: &Peer) {
     let file = corpus::load_requests();
-    let env = env("desync-nginx").await;
-    let nginx = nginx::Nginx::start(
-        &bin,
-        &nginx::Upstreams {
-            main: env.main.addr,
-            public: env.public.addr,
-            probe: env.probe.addr,
-            refused: env.refused,
-            hung: env.hung,
-        },
-    )
-    .await;
     let started = Instant::now();
+    let name = peer.name;
     let mut violations = Vec::new();
-    let mut table = String::from(
-        "| case | class | spec | dynagate | dynagate forwarded | nginx | nginx forwarded | |\n|---|---|---|---|---|---|---|---|\n",
-    );
-    // Cases nginx refuses (answers >= 400, forwards nothing) that the spec lets through.
+    let mut table =
+        format!("| case | class | spec | dynagate | {name} | |\n|---|---|---|---|---|---|\n");
+    // Cases the peer refuses that the spec lets through.
     let mut spec_gaps = String::new();
-    let (mut nginx_refuses, mut stricter, mut documented) = (0, 0, 0);
-    for case in file.case.iter().filter(|c| c.h2 != Some(true)) {
+    let (mut refuses, mut stricter, mut documented) = (0, 0, 0);
+    let cases: Vec<&RequestCase> = file.case.iter().filter(|c| c.h2 != Some(true)).collect();
+    for case in &cases {
         let d = run_request(env.gw.proxy, &env.main, &env.public, case).await;
-        let n = run_request(nginx.addr, &env.main, &env.public, case).await;
-        let n_status = n.ex.first_status();
-        let n_refused = n.forwarded_bytes() == 0 && n_status.is_none_or(|s| s >= 400);
+        let n = run_request(peer.addr, &env.main, &env.public, case).await;
+        let n_refused = n.forwarded_bytes() == 0 && n.ex.first_status().is_none_or(|s| s >= 400);
         let d_refused = d.forwarded_bytes() == 0 && d.ex.first_status().is_none_or(|s| s >= 400);
         // The spec lets a chunked body with bad framing start upstream (it streams);
         // what must never happen is a complete request reaching the backend.
         let partial_ok = Template::parse(&case.backend).unwrap().partial && d.delivered() == 0;
+        let accepted = (peer.accepted)(case);
         let label = label(&case.name, &case.class, &case.note);
         let mut mark = String::new();
         if n_refused {
-            nginx_refuses += 1;
+            refuses += 1;
             if case.status < 400 {
                 let _ = writeln!(
                     spec_gaps,
-                    "- `{}` ({}): nginx {}; the spec expects {}{}",
+                    "- `{}` ({}): {name} {}; the spec expects {}{}",
                     case.name,
                     case.class,
                     describe(&n.ex),
                     case.status,
-                    case.nginx
-                        .as_ref()
+                    accepted
                         .map(|w| format!(" — accepted knowingly: {w}"))
                         .unwrap_or_default()
                 );
             }
             if d.forwarded_bytes() > 0 {
-                if let Some(why) = &case.nginx {
+                if let Some(why) = accepted {
                     documented += 1;
-                    mark.push_str(&format!("nginx stricter, by design ({why}) "));
+                    mark.push_str(&format!("{name} stricter, by design ({why}) "));
                 } else if partial_ok {
                     documented += 1;
-                    mark.push_str(
-                        "nginx stricter: dynagate started the request upstream (spec allows) ",
-                    );
+                    mark.push_str(&format!(
+                        "{name} stricter: dynagate started the request upstream (spec allows) "
+                    ));
                 } else {
                     violations.push((
                         label.clone(),
                         vec![format!(
-                            "nginx refuses ({}) and forwards nothing; dynagate answers {} and forwards {:?}",
+                            "{name} refuses ({}) and forwards nothing; dynagate answers {} and forwards {:?}",
                             describe(&n.ex),
                             describe(&d.ex),
                             show_short(&[d.main.bytes.clone(), d.public.bytes.clone()].concat(), 160)
                         )],
                     ));
-                    mark.push_str("**nginx stricter** ");
+                    mark.push_str(&format!("**{name} stricter** "));
                 }
             }
         } else if d_refused {
@@ -768,49 +783,208 @@ async fn dynagate_is_at_least_as_strict_as_nginx() {
             mark.push_str("**dynagate smuggles** ");
         }
         if n.delivered() > n.ex.statuses().len() {
-            mark.push_str("(nginx delivers more than it answers) ");
+            mark.push_str(&format!("({name} delivers more than it answers) "));
         }
-        let fwd = |o: &ReqOutcome| {
-            if o.forwarded_bytes() == 0 {
-                "nothing".to_string()
-            } else {
-                format!("{} req, {} B", o.delivered(), o.forwarded_bytes())
-            }
-        };
         let _ = writeln!(
             table,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} |",
             case.name,
             case.class,
             case.statuses
                 .as_ref()
                 .map(|s| format!("{s:?}"))
                 .unwrap_or_else(|| case.status.to_string()),
-            describe(&d.ex),
-            fwd(&d),
-            describe(&n.ex),
-            fwd(&n),
-            mark.trim()
+            cell(&format!("{}; {}", describe(&d.ex), forwarded(&d))),
+            cell(&format!("{}; {}", describe(&n.ex), forwarded(&n))),
+            cell(mark.trim())
         );
     }
-    let report = format!(
-        "# Desync corpus: dynagate and nginx side by side\n\n\
-         Generated by `cargo test -p dynagate --test desync dynagate_is_at_least_as_strict_as_nginx`\n\
-         (nginx {}: `proxy_http_version 1.1`, `proxy_set_header Connection \"\"`, request buffering on).\n\
-         Each request case of `crates/dynagate/tests/desync/requests.toml` goes to both proxies in front\n\
-         of the same recording backends. Spec: the status the corpus expects. Statuses: the final answers\n\
-         on the connection before the probe request; `closed`: the proxy closed the connection; `open`: it\n\
-         went on to answer the probe. Forwarded: complete requests / bytes the backends received.\n\n\
-         nginx refuses {nginx_refuses} cases; dynagate refuses {stricter} more that nginx forwards; \
+    let section = format!(
+        "## dynagate and {name}\n\n\
+         Written by `cargo test -p dynagate --test desync dynagate_is_at_least_as_strict_as_{key}`\n\
+         ({about}).\n\n\
+         {name} refuses {refuses} of {total} cases; dynagate refuses {stricter} more that {name} forwards; \
          {documented} differences are accepted by design; {} violations.\n\n\
-         ## Cases nginx refuses and the spec lets through\n\n{}\n## All cases\n\n{table}",
-        nginx_version(&bin),
+         ### Cases {name} refuses and the spec lets through\n\n{}\n### By case\n\n{table}",
         violations.len(),
-        if spec_gaps.is_empty() { "none\n".to_string() } else { spec_gaps }
+        if spec_gaps.is_empty() { "none\n".to_string() } else { spec_gaps },
+        key = peer.key,
+        about = peer.about,
+        total = cases.len(),
     );
-    let path = target_dir().join("desync-report.md");
-    let _ = std::fs::write(&path, &report);
-    eprintln!("report: {}", path.display());
-    let total = file.case.iter().filter(|c| c.h2 != Some(true)).count();
-    verdict("nginx comparison", total, &violations, &[], started);
+    let dir = target_dir();
+    let report = dir.join("desync-report.md");
+    {
+        // The comparison tests run at once: the one that rebuilds the report last has
+        // read every section written before.
+        static REPORT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = REPORT.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = std::fs::write(dir.join(format!("desync-report-{}.md", peer.key)), section);
+        let _ = std::fs::write(&report, combined_report(&dir, &cases));
+    }
+    eprintln!("report: {}", report.display());
+    verdict(
+        &format!("{name} comparison"),
+        cases.len(),
+        &violations,
+        &[],
+        started,
+    );
+}
+
+/// A section's table: case name → its cells (class, spec, dynagate, the peer, notes).
+fn section_rows(section: &str) -> BTreeMap<String, Vec<String>> {
+    let table = section.split("\n### By case\n").nth(1).unwrap_or("");
+    table
+        .lines()
+        .filter_map(|l| {
+            let inner = l.strip_prefix("| ")?.strip_suffix('|')?;
+            let mut cells: Vec<String> = inner.split(" | ").map(|c| c.trim().to_string()).collect();
+            (cells.len() == 6 && cells[0] != "case").then(|| {
+                let name = cells.remove(0);
+                (name, cells)
+            })
+        })
+        .collect()
+}
+
+/// `desync-report.md`: the sections in `dir` (one per comparison test) and one table of
+/// every case with a column per proxy.
+fn combined_report(dir: &std::path::Path, cases: &[&RequestCase]) -> String {
+    let sections: Vec<(&str, Option<String>)> = PEERS
+        .iter()
+        .map(|(key, name)| {
+            (
+                *name,
+                std::fs::read_to_string(dir.join(format!("desync-report-{key}.md"))).ok(),
+            )
+        })
+        .collect();
+    let rows: Vec<BTreeMap<String, Vec<String>>> = sections
+        .iter()
+        .map(|(_, s)| s.as_deref().map(section_rows).unwrap_or_default())
+        .collect();
+    let mut out = String::from(
+        "# Desync corpus: dynagate, nginx and HAProxy side by side\n\n\
+         Each request case of `crates/dynagate/tests/desync/requests.toml` goes to dynagate and to\n\
+         each other proxy, configured like the gateway in front of the same recording backends\n\
+         (`nginx.rs`, `haproxy.rs` there say how). Each comparison test\n\
+         (`dynagate_is_at_least_as_strict_as_nginx`, `..._haproxy`) writes its own section,\n\
+         `desync-report-nginx.md` / `desync-report-haproxy.md` beside this file, then rebuilds this\n\
+         file from the sections it finds, so the order the tests run in does not matter; a section\n\
+         is as recent as its test's last run (\"not run\": none yet, or the proxy is not installed).\n\n\
+         Spec: the status the corpus expects. Statuses: the final answers on the connection before\n\
+         the probe request; `closed`: the proxy closed the connection; `open`: it went on to answer\n\
+         the probe. Then what the backends received: complete requests / bytes, or nothing.\n\n",
+    );
+    for (name, section) in &sections {
+        match section {
+            Some(s) => {
+                out.push_str(s.split("\n### By case\n").next().unwrap_or(""));
+                out.push('\n');
+            }
+            None => {
+                let _ = writeln!(out, "## dynagate and {name}\n\nnot run\n");
+            }
+        }
+    }
+    out.push_str("## All cases\n\n| case | class | spec | dynagate |");
+    for (name, _) in &sections {
+        let _ = write!(out, " {name} |");
+    }
+    out.push_str(" |\n|---|---|---|---|");
+    for _ in &sections {
+        out.push_str("---|");
+    }
+    out.push_str("---|\n");
+    for case in cases {
+        let of: Vec<Option<&Vec<String>>> = rows.iter().map(|r| r.get(&case.name)).collect();
+        let Some(first) = of.iter().flatten().next() else {
+            continue;
+        };
+        // dynagate's cell from the first section; another run that saw it otherwise is said.
+        let mut dynagate = first[2].clone();
+        for ((name, _), r) in sections.iter().zip(&of) {
+            if let Some(r) = r {
+                if r[2] != first[2] {
+                    let _ = write!(dynagate, " (in the {name} run: {})", r[2]);
+                }
+            }
+        }
+        let _ = write!(
+            out,
+            "| {} | {} | {} | {dynagate} |",
+            case.name, first[0], first[1]
+        );
+        for r in &of {
+            let _ = write!(out, " {} |", r.map(|r| r[3].as_str()).unwrap_or("not run"));
+        }
+        let notes: Vec<String> = sections
+            .iter()
+            .zip(&of)
+            .filter_map(|((name, _), r)| {
+                r.filter(|r| !r[4].is_empty())
+                    .map(|r| format!("vs {name}: {}", r[4]))
+            })
+            .collect();
+        let _ = writeln!(out, " {} |", notes.join("; "));
+    }
+    out
+}
+
+/// The same request cases through nginx (Debian's nginx-light, configured like the
+/// gateway): see `compare`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynagate_is_at_least_as_strict_as_nginx() {
+    let Some(bin) = nginx::binary() else {
+        eprintln!("NOTICE: nginx is not installed; the nginx comparison is skipped (CI installs nginx-light)");
+        return;
+    };
+    let env = env("desync-nginx").await;
+    let nginx = nginx::Nginx::start(&bin, &upstreams(&env)).await;
+    let peer = Peer {
+        name: "nginx",
+        key: "nginx",
+        addr: nginx.addr,
+        about: format!(
+            "{}: `proxy_http_version 1.1`, `proxy_set_header Connection \"\"`, request buffering on",
+            nginx_version(&bin)
+        ),
+        accepted: |c| c.nginx.as_ref(),
+    };
+    compare(&env, &peer).await;
+}
+
+/// The same request cases through HAProxy (Debian's haproxy, its defaults, routed like
+/// the gateway): see `compare` and `haproxy.rs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynagate_is_at_least_as_strict_as_haproxy() {
+    let Some(bin) = haproxy::binary() else {
+        eprintln!("NOTICE: haproxy is not installed; the HAProxy comparison is skipped (CI installs haproxy)");
+        return;
+    };
+    let env = env("desync-haproxy").await;
+    let haproxy = haproxy::Haproxy::start(&bin, &upstreams(&env)).await;
+    let peer = Peer {
+        name: "HAProxy",
+        key: "haproxy",
+        addr: haproxy.addr,
+        about: format!(
+            "HAProxy {}: `mode http` and its defaults: no `option accept-invalid-http-request`, \
+             no `option http-buffer-request` (bodies stream), `http-reuse safe`, keep-alive",
+            haproxy::version(&bin)
+        ),
+        accepted: |c| c.haproxy.as_ref(),
+    };
+    compare(&env, &peer).await;
+}
+
+fn upstreams(env: &Env) -> nginx::Upstreams {
+    nginx::Upstreams {
+        main: env.main.addr,
+        public: env.public.addr,
+        probe: env.probe.addr,
+        refused: env.refused,
+        hung: env.hung,
+    }
 }

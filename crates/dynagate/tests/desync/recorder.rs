@@ -235,8 +235,11 @@ fn answer_for(st: &State, kind: Kind, target: &str, upgrade: bool) -> (Vec<u8>, 
         };
     }
     if upgrade && path.starts_with("/ws") {
+        // The accept is the one of RFC 6455's sample key (section 1.3), the key of the
+        // corpus's whole handshake: HAProxy answers 502 to a 101 without one.
         return (
-            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
                 .to_vec(),
             Then::Echo,
         );
