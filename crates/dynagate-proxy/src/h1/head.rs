@@ -377,6 +377,23 @@ impl RequestHead {
         if self.host.is_none() && self.minor_version >= 1 {
             return refuse(400, "HTTP/1.1 request without Host");
         }
+        if let (Some(authority), Some(line)) = (self.origin_form(buf).1, self.host) {
+            // The authority wins (RFC 9112 §3.2.2), but two hosts in one request are how
+            // Host-of-Troubles ambiguities start: like HAProxy, refuse a mismatch.
+            let t = at(buf, self.target);
+            let default_port: &[u8] = if t[..5].eq_ignore_ascii_case(b"https") {
+                b":443"
+            } else {
+                b":80"
+            };
+            let bare = |h: &[u8]| -> Vec<u8> {
+                let h = h.strip_suffix(default_port).unwrap_or(h);
+                h.to_ascii_lowercase()
+            };
+            if bare(authority.as_bytes()) != bare(at(buf, line)) {
+                return refuse(400, "Host differs from the request target's authority");
+            }
+        }
         match self.host(buf) {
             None => {}
             Some(host) => {
@@ -921,7 +938,7 @@ mod tests {
             format!("POST / HTTP/1.1\r\n{h}Transfer-Encoding: Chunked \r\n\r\n"),
             format!("POST / HTTP/1.1\r\n{h}Content-Length: 007\r\n\r\n"),
             format!("POST / HTTP/1.1\r\n{h}Expect: 100-Continue\r\n\r\n"),
-            "GET http://b.test:81/x HTTP/1.1\r\nHost: a\r\n\r\n".into(),
+            "GET http://b.test:81/x HTTP/1.1\r\nHost: B.test:81\r\n\r\n".into(),
             "GET / HTTP/1.0\r\n\r\n".into(),
         ] {
             assert_eq!(status(&raw), None, "{raw:?}");
@@ -986,16 +1003,22 @@ mod tests {
 
     #[test]
     fn absolute_form_authority_wins_over_host() {
-        let raw = "GET http://real.test/p?q=1 HTTP/1.1\r\nHost: other.test\r\n\r\n";
+        let raw = "GET http://Real.test/p?q=1 HTTP/1.1\r\nHost: real.test:80\r\n\r\n";
+        assert_eq!(screened(raw), Ok(()));
         let h = req(raw);
-        assert_eq!(h.host(raw.as_bytes()), Some(&b"real.test"[..]));
+        assert_eq!(h.host(raw.as_bytes()), Some(&b"Real.test"[..]));
         let s = upstream_head(raw, &PLAIN);
         assert!(
-            s.starts_with("GET /p?q=1 HTTP/1.1\r\nhost: real.test\r\n"),
+            s.starts_with("GET /p?q=1 HTTP/1.1\r\nhost: Real.test\r\n"),
             "{s}"
         );
-        assert!(!s.contains("other.test"), "{s}");
-        assert!(s.contains("x-forwarded-host: real.test\r\n"), "{s}");
+        assert!(!s.contains("real.test:80"), "{s}");
+        assert!(s.contains("x-forwarded-host: Real.test\r\n"), "{s}");
+        // Two different hosts in one request: refused, as HAProxy does.
+        let other = "GET http://real.test/p HTTP/1.1\r\nHost: other.test\r\n\r\n";
+        assert_eq!(screened(other).map_err(|r| r.status), Err(400));
+        let port = "GET https://real.test/p HTTP/1.1\r\nHost: real.test:80\r\n\r\n";
+        assert_eq!(screened(port).map_err(|r| r.status), Err(400));
     }
 
     #[test]
