@@ -14,6 +14,12 @@ pub enum StoreError {
     Corrupt { what: String, why: String },
 }
 
+impl From<dynagate_store::StoreError> for StoreError {
+    fn from(e: dynagate_store::StoreError) -> Self {
+        StoreError::Io(e.to_string())
+    }
+}
+
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         StoreError::Io(e.to_string())

@@ -34,7 +34,11 @@ const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_milli
 /// grew, and a commit appending to a growing file pays for a file-system journal commit
 /// on top of its fsync — about twice the cost, measured.) Commits that arrive during the
 /// short locked step wait on the mutex, not in SQLite's sleeping busy handler.
-pub fn open_durable(path: &Path) -> rusqlite::Result<(SharedConnection, Checkpointer)> {
+///
+/// The database file and its `-wal` and `-shm` are made readable by the owner only (0600),
+/// whatever the umask or the directory's mode: see [`make_private`].
+pub fn open_durable(path: &Path) -> Result<(SharedConnection, Checkpointer), StoreError> {
+    make_private(path)?;
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -73,6 +77,43 @@ pub fn open_durable(path: &Path) -> rusqlite::Result<(SharedConnection, Checkpoi
             .pragma_update(None, "wal_autocheckpoint", 1000)?;
     }
     Ok((shared, Checkpointer { _alive: alive }))
+}
+
+/// Creates the database file with mode 0600 if it does not exist yet — SQLite gives the
+/// `-wal` and `-shm` files it creates the database file's permissions — and tightens an
+/// existing database file, `-wal` and `-shm` to 0600 (files of an older dynagate were
+/// 0644). Nothing is truncated.
+pub fn make_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let private = || std::fs::Permissions::from_mode(0o600);
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        // (A umask like 0277 takes bits off 0600 too: the loop below puts them back.)
+        Ok(file) => file.sync_all()?,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        let file = std::path::PathBuf::from(file);
+        match std::fs::metadata(&file) {
+            Ok(m) if m.permissions().mode() & 0o777 != 0o600 => {
+                // Not fatal: a file of another owner can still be used as before.
+                if let Err(e) = std::fs::set_permissions(&file, private()) {
+                    tracing::warn!(file = %file.display(), error = %e, "cannot make the file private (mode 0600)");
+                }
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Moves the WAL into the database file without waiting for anyone (PASSIVE); returns
@@ -377,6 +418,42 @@ mod tests {
             restarts >= 2,
             "{number} commits, the WAL restarted {restarts} times"
         );
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn mode(path: &std::path::Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn database_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("dynagate-store-modes-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.db");
+        let wal = dir.join("m.db-wal");
+        let shm = dir.join("m.db-shm");
+        let store = SqliteStore::open(&path, 10).unwrap();
+        store.load().unwrap();
+        for file in [&path, &wal, &shm] {
+            assert_eq!(mode(file), 0o600, "{} when created", file.display());
+        }
+        drop(store);
+        // Files of an older dynagate were 0644: tightened at open, db, -wal and -shm.
+        for suffix in ["", "-wal", "-shm"] {
+            let file = dir.join(format!("m.db{suffix}"));
+            if !file.exists() {
+                std::fs::write(&file, b"").unwrap();
+            }
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let store = SqliteStore::open(&path, 10).unwrap();
+        for file in [&path, &wal, &shm] {
+            assert_eq!(mode(file), 0o600, "{} after open", file.display());
+        }
         drop(store);
         std::fs::remove_dir_all(&dir).unwrap();
     }
