@@ -1,6 +1,7 @@
 //! `dynagate run`: load the stored state, then open the listeners, then serve until
 //! SIGTERM/SIGINT, then drain.
 
+use crate::files::{write_atomic, Existing};
 use crate::settings::Settings;
 use crate::token;
 use dynagate_proxy::access_log::AccessLog;
@@ -153,8 +154,25 @@ pub fn run(settings: Settings) -> Result<(), String> {
         "admin": admin_addr.to_string(),
         "registry": registry_addr,
     });
-    std::fs::write(&run_file, format!("{info}\n"))
-        .map_err(|e| format!("{}: {e}", run_file.display()))?;
+    // Only a convenience for `ctl` (which falls back to its flags and defaults): a gateway
+    // that cannot write it (a full disk) serves all the same. Never truncated in place: a
+    // failed write leaves the previous file whole.
+    let wrote_run_file = match write_atomic(
+        &run_file,
+        format!("{info}\n").as_bytes(),
+        0o644,
+        Existing::Replace,
+    ) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(
+                path = %run_file.display(),
+                error = %e,
+                "cannot write the run file; serving anyway (`dynagate ctl` needs --admin or its default address)"
+            );
+            false
+        }
+    };
     tracing::info!(
         proxy = %proxy.local_addr,
         admin = %admin_addr,
@@ -222,7 +240,9 @@ pub fn run(settings: Settings) -> Result<(), String> {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
-    let _ = std::fs::remove_file(&run_file);
+    if wrote_run_file {
+        let _ = std::fs::remove_file(&run_file);
+    }
     tracing::info!("stopped");
     Ok(())
 }
