@@ -13,6 +13,9 @@ use std::sync::Arc;
 /// Written at start so `dynagate ctl` (and people) can find the listeners.
 pub const RUN_FILE: &str = "run.json";
 
+/// Less free space than this in the data directory is worth a WARN at start.
+const LOW_SPACE: u64 = 1024 * 1024;
+
 pub fn run(settings: Settings) -> Result<(), String> {
     let data_dir = &settings.data_dir;
     let mut exposed = vec![("admin API", settings.admin_listen)];
@@ -35,6 +38,15 @@ pub fn run(settings: Settings) -> Result<(), String> {
         .mode(0o700)
         .create(data_dir)
         .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
+    // A full disk does not stop a start: the stored state is served, and writes are
+    // refused (507) until a commit finds space again — each write tries.
+    if let Some(free) = dynagate_store::free_bytes(data_dir).filter(|&f| f < LOW_SPACE) {
+        tracing::warn!(
+            data_dir = %data_dir.display(),
+            free_bytes = free,
+            "the data directory is full or nearly: the stored state is served read-only while it is; writes (admin API, ctl, registry) that find no space are answered 507 until space is freed"
+        );
+    }
 
     let token = match std::env::var("DYNAGATE_ADMIN_TOKEN") {
         Ok(t) if t.len() >= 16 => {
@@ -240,6 +252,14 @@ pub fn run(settings: Settings) -> Result<(), String> {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
+    // The control runtime holds the last references to the controller and the registry:
+    // with it gone, both stores close, and SQLite checkpoints each WAL into its database
+    // and removes the -wal and -shm files.
+    control_rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    if Arc::strong_count(&controller) > 1 {
+        tracing::debug!("the controller is still referenced: its store closes at exit");
+    }
+    drop(controller);
     if wrote_run_file {
         let _ = std::fs::remove_file(&run_file);
     }
