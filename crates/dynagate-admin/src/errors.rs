@@ -89,7 +89,8 @@ impl ApiError {
 impl From<ControlError> for ApiError {
     fn from(e: ControlError) -> Self {
         let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        if status.is_server_error() {
+        // A full disk is logged by the store (a WARN at the first refusal), not per request.
+        if status.is_server_error() && !e.disk_full() {
             tracing::error!(error = %e, "admin: command failed");
         }
         ApiError::new(status, e.to_string())

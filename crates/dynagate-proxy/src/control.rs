@@ -24,12 +24,19 @@ pub enum ControlError {
 }
 
 impl ControlError {
-    /// The HTTP status an API should answer with.
+    /// The HTTP status an API should answer with: 507 Insufficient Storage when the
+    /// data directory is full (nothing was applied; the next write tries again).
     pub fn status(&self) -> u16 {
         match self {
             ControlError::Model(e) => e.status(),
+            ControlError::Store(StoreError::Full(_)) => 507,
             ControlError::Store(_) => 500,
         }
+    }
+
+    /// True when the command was refused for want of space (see [`ControlError::status`]).
+    pub fn disk_full(&self) -> bool {
+        matches!(self, ControlError::Store(StoreError::Full(_)))
     }
 }
 
@@ -373,4 +380,89 @@ pub fn server_statuses(up: &UpstreamRuntime) -> Vec<ServerStatus> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dynagate_model::Server;
+    use dynagate_store::{DiskFull, Loaded};
+    use std::sync::atomic::AtomicBool;
+
+    /// A store whose commits fail as on a full disk while `full` is set.
+    #[derive(Default)]
+    struct FullDisk {
+        full: AtomicBool,
+        commits: Mutex<Vec<u64>>,
+    }
+
+    impl Store for FullDisk {
+        fn load(&self) -> Result<Loaded, StoreError> {
+            Ok(Loaded::default())
+        }
+        fn commit(&self, revision: &Revision) -> Result<(), StoreError> {
+            if self.full.load(Ordering::SeqCst) {
+                return Err(StoreError::Full(DiskFull {
+                    dir: "/data".into(),
+                    file: "dynagate.db".into(),
+                    cause: "database or disk is full".into(),
+                }));
+            }
+            self.commits.lock().push(revision.number);
+            Ok(())
+        }
+        fn revisions(&self, _: usize) -> Result<Vec<RevisionSummary>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn revisions_after(&self, _: u64) -> Result<Vec<Revision>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn oldest_restorable(&self) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+    }
+
+    fn put(name: &str, port: u16) -> Command {
+        Command::PutUpstream {
+            upstream: Box::new(Upstream::new(
+                name,
+                vec![Server::new(format!("127.0.0.1:{port}"))],
+            )),
+            force: false,
+        }
+    }
+
+    #[test]
+    fn a_commit_refused_for_want_of_space_changes_nothing_and_answers_507() {
+        let store = Arc::new(FullDisk::default());
+        let controller = Controller::open(store.clone()).unwrap();
+        controller.execute(put("a", 9001)).unwrap();
+        let snapshots = controller.snapshots();
+        let published = snapshots.load_full();
+        let config = controller.config();
+
+        store.full.store(true, Ordering::SeqCst);
+        let mut revisions = controller.subscribe();
+        revisions.borrow_and_update();
+        for command in [put("a", 9002), put("b", 9003)] {
+            let err = controller.execute(command).unwrap_err();
+            assert_eq!(err.status(), 507, "{err}");
+            assert!(err.disk_full());
+            assert!(err.to_string().contains("/data is full"), "{err}");
+        }
+        assert_eq!(controller.revision(), 1);
+        assert_eq!(controller.config(), config, "the model is unchanged");
+        assert!(
+            Arc::ptr_eq(&snapshots.load_full(), &published),
+            "the published snapshot is unchanged"
+        );
+        assert!(!revisions.has_changed().unwrap(), "no revision announced");
+
+        // Space again: the next command goes through, as revision 2.
+        store.full.store(false, Ordering::SeqCst);
+        let outcome = controller.execute(put("b", 9003)).unwrap();
+        assert_eq!(outcome.revision, 2);
+        assert_eq!(*store.commits.lock(), vec![1, 2]);
+        assert!(snapshots.load().upstreams.get("b").is_some());
+    }
 }

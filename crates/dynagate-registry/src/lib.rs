@@ -150,6 +150,9 @@ pub(crate) struct Planned<R> {
 struct Writer {
     /// Highest index value the store guarantees we will not go below after a restart.
     reserved: u64,
+    /// Ops not committed yet that go with the next batch (the node ID when the first
+    /// start found the disk full).
+    pending: Vec<Op>,
 }
 
 pub struct Registry {
@@ -229,12 +232,20 @@ impl Registry {
             .find(|(k, _)| k == "node_id")
             .map(|(_, v)| v.clone());
         let index = stored.index.max(1);
+        let mut pending = Vec::new();
         if node_id.is_none() {
             let id = new_uuid();
-            store.commit(&Batch {
+            let op = Op::SetMeta("node_id".into(), id.clone());
+            match store.commit(&Batch {
                 index,
-                ops: vec![Op::SetMeta("node_id".into(), id.clone())],
-            })?;
+                ops: vec![op.clone()],
+            }) {
+                Ok(()) => {}
+                // A first start on a full disk: the ID is kept with the first write that
+                // gets through.
+                Err(StoreError::Full(_)) => pending.push(op),
+                Err(e) => return Err(e.into()),
+            }
             node_id = Some(id);
         }
         let state = State::new(
@@ -255,7 +266,10 @@ impl Registry {
             opts: options,
             store,
             state: RwLock::new(state),
-            writer: Mutex::new(Writer { reserved: index }),
+            writer: Mutex::new(Writer {
+                reserved: index,
+                pending,
+            }),
             index_tx,
             shutdown_tx,
             node_id: node_id.unwrap_or_default(),
@@ -482,15 +496,27 @@ impl Registry {
             return Ok(planned.result);
         }
         let next = self.state.read().index + 1;
+        let carried = w.pending.len();
+        let mut ops = w.pending.clone();
+        ops.extend(planned.ops);
         let batch = Batch {
             index: next.max(w.reserved),
-            ops: planned.ops,
+            ops,
         };
-        self.store.commit(&batch).map_err(|e| {
-            tracing::error!(error = %e, "registry commit failed");
-            ApiError::internal(e.to_string())
+        self.store.commit(&batch).map_err(|e| match e {
+            // Logged by the store (a WARN at the first refusal); nothing was applied.
+            StoreError::Full(full) => ApiError::new(507, full.to_string()),
+            e => {
+                tracing::error!(error = %e, "registry commit failed");
+                ApiError::internal(e.to_string())
+            }
         })?;
         w.reserved = batch.index;
+        w.pending.clear();
+        let batch = Batch {
+            index: batch.index,
+            ops: batch.ops.into_iter().skip(carried).collect(),
+        };
         let now = Instant::now();
         {
             let mut st = self.state.write();
@@ -527,8 +553,13 @@ impl Registry {
                 index: next + INDEX_RESERVE,
                 ops: Vec::new(),
             };
+            // Statuses are not stored: a failed reservation only means the index may go
+            // back after a restart. A full disk is logged by the store.
             match self.store.commit(&batch) {
                 Ok(()) => w.reserved = batch.index,
+                Err(StoreError::Full(e)) => {
+                    tracing::debug!(error = %e, "registry index reservation refused")
+                }
                 Err(e) => tracing::error!(error = %e, "registry index reservation failed"),
             }
         }
@@ -651,4 +682,68 @@ pub(crate) fn new_uuid() -> String {
         &h[16..20],
         &h[20..32]
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Stored;
+
+    /// A store whose commits fail as on a full disk while `full` is set.
+    #[derive(Default)]
+    struct FullDisk {
+        full: Arc<AtomicBool>,
+        batches: Arc<Mutex<Vec<Batch>>>,
+    }
+
+    impl RegistryStore for FullDisk {
+        fn load(&self) -> Result<Stored, StoreError> {
+            Ok(Stored::default())
+        }
+        fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+            if self.full.load(Ordering::SeqCst) {
+                return Err(StoreError::Full(dynagate_store::DiskFull {
+                    dir: "/data".into(),
+                    file: "registry.db".into(),
+                    cause: "database or disk is full".into(),
+                }));
+            }
+            self.batches.lock().push(batch.clone());
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_answers_507_and_changes_nothing_until_space_is_freed() {
+        let store = FullDisk::default();
+        store.full.store(true, Ordering::SeqCst);
+        let (full, batches) = (store.full.clone(), store.batches.clone());
+        // A first start on a full disk: the node ID waits for the first write.
+        let registry = Registry::with_store(Box::new(store), RegistryOptions::default()).unwrap();
+        let index = registry.index();
+        let err = registry
+            .kv_put("a".into(), b"1".to_vec(), 0, None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.status, 507);
+        assert!(err.msg.contains("/data is full"), "{}", err.msg);
+        assert_eq!(registry.index(), index, "nothing applied");
+        assert!(registry.state.read().kv.is_empty());
+
+        full.store(false, Ordering::SeqCst);
+        assert!(registry
+            .kv_put("a".into(), b"1".to_vec(), 0, None)
+            .await
+            .unwrap());
+        assert_eq!(registry.index(), index + 1);
+        assert_eq!(registry.state.read().kv["a"].value, b"1");
+        let batches = batches.lock();
+        assert_eq!(batches.len(), 1);
+        assert_eq!(
+            batches[0].ops[0],
+            Op::SetMeta("node_id".into(), registry.node_id.clone()),
+            "the node ID goes with the first write that gets through"
+        );
+        assert!(matches!(&batches[0].ops[1], Op::PutKv(e) if e.key == "a"));
+    }
 }

@@ -6,46 +6,31 @@ use crate::store::{Batch, Op, RegistryStore, StoreError, Stored};
 use rusqlite::params;
 use std::path::Path;
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA: dynagate_store::Schema = dynagate_store::Schema {
+    version: 1,
+    sql: "CREATE TABLE IF NOT EXISTS services (id TEXT PRIMARY KEY, def TEXT NOT NULL);
+          CREATE TABLE IF NOT EXISTS checks (id TEXT PRIMARY KEY, def TEXT NOT NULL);
+          CREATE TABLE IF NOT EXISTS kv (
+              key TEXT PRIMARY KEY,
+              value BLOB NOT NULL,
+              flags INTEGER NOT NULL,
+              create_index INTEGER NOT NULL,
+              modify_index INTEGER NOT NULL,
+              lock_index INTEGER NOT NULL
+          );
+          CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+};
 
+/// Opened by [`dynagate_store::Durable`], as the gateway's store is: the same file modes,
+/// WAL, checkpoints and full-disk behaviour.
 pub struct SqliteStore {
-    conn: dynagate_store::SharedConnection,
-    _checkpointer: dynagate_store::Checkpointer,
+    db: dynagate_store::Durable,
 }
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let (conn, checkpointer) = dynagate_store::open_durable(path)?;
-        let c = conn.lock();
-        let version: i64 = c.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version > SCHEMA_VERSION {
-            return Err(StoreError::Corrupt {
-                what: path.display().to_string(),
-                why: format!(
-                    "schema version {version} is newer than this dynagate ({SCHEMA_VERSION})"
-                ),
-            });
-        }
-        c.execute_batch(
-            "BEGIN;
-             CREATE TABLE IF NOT EXISTS services (id TEXT PRIMARY KEY, def TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS checks (id TEXT PRIMARY KEY, def TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS kv (
-                 key TEXT PRIMARY KEY,
-                 value BLOB NOT NULL,
-                 flags INTEGER NOT NULL,
-                 create_index INTEGER NOT NULL,
-                 modify_index INTEGER NOT NULL,
-                 lock_index INTEGER NOT NULL
-             );
-             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-             PRAGMA user_version = 1;
-             COMMIT;",
-        )?;
-        drop(c);
         Ok(SqliteStore {
-            conn,
-            _checkpointer: checkpointer,
+            db: dynagate_store::Durable::open(path, SCHEMA)?,
         })
     }
 }
@@ -65,13 +50,25 @@ fn to_u64(v: i64) -> u64 {
     v as u64
 }
 
-fn json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
-    serde_json::to_string(v).map_err(|e| StoreError::Io(e.to_string()))
+fn json<T: serde::Serialize>(v: &T) -> rusqlite::Result<String> {
+    serde_json::to_string(v).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
 }
 
 impl RegistryStore for SqliteStore {
     fn load(&self) -> Result<Stored, StoreError> {
-        let conn = self.conn.lock();
+        if !self.db.has_tables() {
+            return Ok(Stored::default());
+        }
+        self.db.read(|conn| self.load_from(conn))
+    }
+
+    fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        Ok(self.db.write(|tx| write_batch(tx, batch))?)
+    }
+}
+
+impl SqliteStore {
+    fn load_from(&self, conn: &rusqlite::Connection) -> Result<Stored, StoreError> {
         let mut out = Stored::default();
         let mut stmt = conn.prepare("SELECT key, value FROM meta")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
@@ -117,30 +114,29 @@ impl RegistryStore for SqliteStore {
         }
         Ok(out)
     }
+}
 
-    fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
-        let mut conn = self.conn.lock();
-        let tx = conn.transaction()?;
-        for op in &batch.ops {
-            match op {
-                Op::PutService(s) => {
-                    tx.prepare_cached("INSERT OR REPLACE INTO services (id, def) VALUES (?1, ?2)")?
-                        .execute(params![s.id, json(s)?])?;
-                }
-                Op::DeleteService(id) => {
-                    tx.prepare_cached("DELETE FROM services WHERE id = ?1")?
-                        .execute(params![id])?;
-                }
-                Op::PutCheck(c) => {
-                    tx.prepare_cached("INSERT OR REPLACE INTO checks (id, def) VALUES (?1, ?2)")?
-                        .execute(params![c.id, json(c)?])?;
-                }
-                Op::DeleteCheck(id) => {
-                    tx.prepare_cached("DELETE FROM checks WHERE id = ?1")?
-                        .execute(params![id])?;
-                }
-                Op::PutKv(e) => {
-                    tx.prepare_cached("INSERT OR REPLACE INTO kv (key, value, flags, create_index, modify_index, lock_index)
+fn write_batch(tx: &rusqlite::Transaction, batch: &Batch) -> rusqlite::Result<()> {
+    for op in &batch.ops {
+        match op {
+            Op::PutService(s) => {
+                tx.prepare_cached("INSERT OR REPLACE INTO services (id, def) VALUES (?1, ?2)")?
+                    .execute(params![s.id, json(s)?])?;
+            }
+            Op::DeleteService(id) => {
+                tx.prepare_cached("DELETE FROM services WHERE id = ?1")?
+                    .execute(params![id])?;
+            }
+            Op::PutCheck(c) => {
+                tx.prepare_cached("INSERT OR REPLACE INTO checks (id, def) VALUES (?1, ?2)")?
+                    .execute(params![c.id, json(c)?])?;
+            }
+            Op::DeleteCheck(id) => {
+                tx.prepare_cached("DELETE FROM checks WHERE id = ?1")?
+                    .execute(params![id])?;
+            }
+            Op::PutKv(e) => {
+                tx.prepare_cached("INSERT OR REPLACE INTO kv (key, value, flags, create_index, modify_index, lock_index)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?.execute(params![
                             e.key,
                             e.value,
@@ -150,28 +146,26 @@ impl RegistryStore for SqliteStore {
                             to_i64(e.lock_index)
                         ],
                     )?;
-                }
-                Op::DeleteKv(key) => {
-                    tx.prepare_cached("DELETE FROM kv WHERE key = ?1")?
-                        .execute(params![key])?;
-                }
-                Op::SetMeta(k, v) => {
-                    tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
-                        .execute(params![k, v])?;
-                }
+            }
+            Op::DeleteKv(key) => {
+                tx.prepare_cached("DELETE FROM kv WHERE key = ?1")?
+                    .execute(params![key])?;
+            }
+            Op::SetMeta(k, v) => {
+                tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
+                    .execute(params![k, v])?;
             }
         }
-        // The high-water mark only ever grows.
-        tx.prepare_cached(
-            "INSERT INTO meta (key, value) VALUES ('index', ?1)
+    }
+    // The high-water mark only ever grows.
+    tx.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES ('index', ?1)
              ON CONFLICT(key) DO UPDATE SET value = CASE
                  WHEN CAST(excluded.value AS INTEGER) > CAST(meta.value AS INTEGER)
                  THEN excluded.value ELSE meta.value END",
-        )?
-        .execute(params![batch.index.to_string()])?;
-        tx.commit()?;
-        Ok(())
-    }
+    )?
+    .execute(params![batch.index.to_string()])?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -225,11 +219,9 @@ mod tests {
         assert_eq!(st.kv[0].flags, u64::MAX, "u64 flags survive the i64 column");
         assert_eq!(st.kv[0].value, vec![0, 1, 2]);
         assert_eq!(st.meta, vec![("node_id".to_string(), "n".to_string())]);
-        let mode: String = s
-            .conn
-            .lock()
-            .pragma_query_value(None, "journal_mode", |r| r.get(0))
-            .unwrap();
+        let mode: String =
+            s.db.read(|c| c.pragma_query_value(None, "journal_mode", |r| r.get(0)))
+                .unwrap();
         assert_eq!(mode, "wal");
         drop(s);
         for suffix in ["", "-wal", "-shm"] {

@@ -12,6 +12,19 @@ pub enum StoreError {
     Io(String),
     #[error("registry store is corrupt: {what}: {why}")]
     Corrupt { what: String, why: String },
+    /// A write refused for want of space; nothing of it was applied.
+    #[error(transparent)]
+    Full(dynagate_store::DiskFull),
+}
+
+impl From<dynagate_store::StoreError> for StoreError {
+    fn from(e: dynagate_store::StoreError) -> Self {
+        match e {
+            dynagate_store::StoreError::Full(full) => StoreError::Full(full),
+            dynagate_store::StoreError::Corrupt { what, why } => StoreError::Corrupt { what, why },
+            e => StoreError::Io(e.to_string()),
+        }
+    }
 }
 
 impl From<rusqlite::Error> for StoreError {

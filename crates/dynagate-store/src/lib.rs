@@ -3,10 +3,12 @@
 //! commit that returned survives `kill -9` and power loss). etcd comes later behind the
 //! same trait.
 
+mod durable;
 mod sqlite;
 
+pub use durable::{free_bytes, make_private, out_of_space, DiskFull, Durable, Schema};
 use dynagate_model::{Config, Revision};
-pub use sqlite::{open_durable, Checkpointer, SharedConnection, SqliteStore};
+pub use sqlite::SqliteStore;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -17,6 +19,9 @@ pub enum StoreError {
     Corrupt { what: String, why: String },
     #[error("store: {0}")]
     Io(#[from] std::io::Error),
+    /// A write refused for want of space; nothing of it was applied.
+    #[error(transparent)]
+    Full(#[from] DiskFull),
 }
 
 /// The state loaded at start: the configuration and the number of its last revision.

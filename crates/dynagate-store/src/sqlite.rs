@@ -1,128 +1,36 @@
+use crate::durable::{Durable, Schema};
 use crate::{Loaded, RevisionSummary, Store, StoreError};
 use dynagate_model::{Change, Config, Revision, Route, Upstream};
-use parking_lot::Mutex;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, OptionalExtension};
 use std::path::Path;
 use std::sync::Arc;
 
-const SCHEMA_VERSION: i64 = 1;
-
-/// Keeps the background checkpoint thread of a durable SQLite file running.
-#[derive(Debug)]
-pub struct Checkpointer {
-    _alive: Arc<()>,
-}
-
-/// A store's one connection, shared with its checkpoint thread.
-pub type SharedConnection = Arc<Mutex<Connection>>;
-
-/// How often the checkpoint thread moves the WAL into the database file.
-const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// Opens a SQLite file for durable commits: WAL with `synchronous=FULL` (a commit that
-/// returned survives `kill -9` and power loss) and a busy timeout. Checkpoints, which move
-/// the WAL into the database file and fsync it, run on a background thread every 500 ms
-/// while the returned `Checkpointer` lives, so a commit costs one WAL append and its fsync
-/// and never pays for a checkpoint itself.
-///
-/// Each round is two checkpoints: one from the thread's own connection while commits go
-/// on (it moves most of the WAL and fsyncs the database), then one holding the store's
-/// connection lock, which moves the few frames committed meanwhile: with no commit
-/// landing during it, it completes, and the next commit restarts the WAL from its
-/// beginning — overwriting blocks the file already has. (With only the first kind,
-/// under steady commits the checkpoint never completed, the WAL never restarted and only
-/// grew, and a commit appending to a growing file pays for a file-system journal commit
-/// on top of its fsync — about twice the cost, measured.) Commits that arrive during the
-/// short locked step wait on the mutex, not in SQLite's sleeping busy handler.
-pub fn open_durable(path: &Path) -> rusqlite::Result<(SharedConnection, Checkpointer)> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-    // Whenever the WAL restarts, it is cut back to this size.
-    conn.pragma_update(None, "journal_size_limit", 16 * 1024 * 1024)?;
-    let background = Connection::open(path)?;
-    background.busy_timeout(std::time::Duration::from_secs(5))?;
-    let shared = Arc::new(Mutex::new(conn));
-    let alive = Arc::new(());
-    let watch = Arc::downgrade(&alive);
-    let target = Arc::downgrade(&shared);
-    let spawned = std::thread::Builder::new()
-        .name("dynagate-checkpoint".into())
-        .spawn(move || loop {
-            std::thread::sleep(CHECKPOINT_INTERVAL);
-            let (Some(_alive), Some(conn)) = (watch.upgrade(), target.upgrade()) else {
-                return;
-            };
-            let result = checkpoint(&background).and_then(|(frames, _)| {
-                if frames == 0 {
-                    return Ok((0, 0));
-                }
-                let main = conn.lock();
-                checkpoint(&main)
-            });
-            if let Err(e) = result {
-                eprintln!("dynagate: WAL checkpoint failed: {e}");
-            }
-        });
-    if spawned.is_err() {
-        // No thread: let SQLite checkpoint inline instead.
-        shared
-            .lock()
-            .pragma_update(None, "wal_autocheckpoint", 1000)?;
-    }
-    Ok((shared, Checkpointer { _alive: alive }))
-}
-
-/// Moves the WAL into the database file without waiting for anyone (PASSIVE); returns
-/// (frames in the WAL, frames moved).
-fn checkpoint(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
-    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-        Ok((r.get(1)?, r.get(2)?))
-    })
-}
+const SCHEMA: Schema = Schema {
+    version: 1,
+    sql: "CREATE TABLE IF NOT EXISTS upstreams (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
+          CREATE TABLE IF NOT EXISTS routes (id TEXT PRIMARY KEY, spec TEXT NOT NULL);
+          CREATE TABLE IF NOT EXISTS revisions (
+              number INTEGER PRIMARY KEY,
+              time_ms INTEGER NOT NULL,
+              summary TEXT NOT NULL,
+              changes TEXT NOT NULL
+          );
+          CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+};
 
 /// The embedded store: `<data-dir>/dynagate.db`. Inspect it with `sqlite3`.
 pub struct SqliteStore {
-    conn: SharedConnection,
+    pub(crate) db: Durable,
     /// Revisions kept for listing and rollback.
     retain: u64,
-    _checkpointer: Checkpointer,
 }
 
 impl SqliteStore {
+    /// Opens (creating if needed) the store; see [`Durable::open`].
     pub fn open(path: &Path, retain: u64) -> Result<Self, StoreError> {
-        let (conn, checkpointer) = open_durable(path)?;
-        let c = conn.lock();
-        let version: i64 = c.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version > SCHEMA_VERSION {
-            return Err(StoreError::Corrupt {
-                what: path.display().to_string(),
-                why: format!(
-                    "schema version {version} is newer than this dynagate ({SCHEMA_VERSION})"
-                ),
-            });
-        }
-        c.execute_batch(
-            "BEGIN;
-             CREATE TABLE IF NOT EXISTS upstreams (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS routes (id TEXT PRIMARY KEY, spec TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS revisions (
-                 number INTEGER PRIMARY KEY,
-                 time_ms INTEGER NOT NULL,
-                 summary TEXT NOT NULL,
-                 changes TEXT NOT NULL
-             );
-             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-             PRAGMA user_version = 1;
-             COMMIT;",
-        )?;
-        drop(c);
         Ok(SqliteStore {
-            conn,
+            db: Durable::open(path, SCHEMA)?,
             retain: retain.max(1),
-            _checkpointer: checkpointer,
         })
     }
 }
@@ -141,109 +49,123 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
 
 impl Store for SqliteStore {
     fn load(&self) -> Result<Loaded, StoreError> {
-        let conn = self.conn.lock();
-        let mut config = Config::default();
-        let mut stmt = conn.prepare("SELECT name, spec FROM upstreams")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-        for row in rows {
-            let (name, spec) = row?;
-            let up: Upstream =
-                serde_json::from_str(&spec).map_err(|e| corrupt(format!("upstream {name}"), e))?;
-            config.upstreams.insert(name, Arc::new(up));
+        if !self.db.has_tables() {
+            return Ok(Loaded::default());
         }
-        let mut stmt = conn.prepare("SELECT id, spec FROM routes")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-        for row in rows {
-            let (id, spec) = row?;
-            let route: Route =
-                serde_json::from_str(&spec).map_err(|e| corrupt(format!("route {id}"), e))?;
-            config.routes.insert(id, Arc::new(route));
-        }
-        let revision: Option<i64> = conn
-            .query_row("SELECT MAX(number) FROM revisions", [], |r| r.get(0))
-            .optional()?
-            .flatten();
-        let stored_last: Option<String> = conn
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'last_revision'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let last = stored_last.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        Ok(Loaded {
-            config,
-            revision: last.max(revision.unwrap_or(0) as u64),
+        self.db.read(|conn| {
+            let mut config = Config::default();
+            let mut stmt = conn.prepare("SELECT name, spec FROM upstreams")?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            for row in rows {
+                let (name, spec) = row?;
+                let up: Upstream = serde_json::from_str(&spec)
+                    .map_err(|e| corrupt(format!("upstream {name}"), e))?;
+                config.upstreams.insert(name, Arc::new(up));
+            }
+            let mut stmt = conn.prepare("SELECT id, spec FROM routes")?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            for row in rows {
+                let (id, spec) = row?;
+                let route: Route =
+                    serde_json::from_str(&spec).map_err(|e| corrupt(format!("route {id}"), e))?;
+                config.routes.insert(id, Arc::new(route));
+            }
+            let revision: Option<i64> = conn
+                .query_row("SELECT MAX(number) FROM revisions", [], |r| r.get(0))
+                .optional()?
+                .flatten();
+            let stored_last: Option<String> = conn
+                .query_row(
+                    "SELECT value FROM meta WHERE key = 'last_revision'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let last = stored_last.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            Ok(Loaded {
+                config,
+                revision: last.max(revision.unwrap_or(0) as u64),
+            })
         })
     }
 
     fn commit(&self, revision: &Revision) -> Result<(), StoreError> {
-        let mut conn = self.conn.lock();
-        let tx = conn.transaction()?;
-        for change in &revision.changes {
-            match change {
-                Change::Upstream { key, after, .. } => match after {
-                    Some(up) => {
-                        tx.prepare_cached(
-                            "INSERT OR REPLACE INTO upstreams (name, spec) VALUES (?1, ?2)",
-                        )?
-                        .execute(params![key, to_json(&**up)])?;
-                    }
-                    None => {
-                        tx.prepare_cached("DELETE FROM upstreams WHERE name = ?1")?
-                            .execute(params![key])?;
-                    }
-                },
-                Change::Route { key, after, .. } => match after {
-                    Some(route) => {
-                        tx.prepare_cached(
-                            "INSERT OR REPLACE INTO routes (id, spec) VALUES (?1, ?2)",
-                        )?
-                        .execute(params![key, to_json(&**route)])?;
-                    }
-                    None => {
-                        tx.prepare_cached("DELETE FROM routes WHERE id = ?1")?
-                            .execute(params![key])?;
-                    }
-                },
+        self.db.write(|tx| {
+            for change in &revision.changes {
+                match change {
+                    Change::Upstream { key, after, .. } => match after {
+                        Some(up) => {
+                            tx.prepare_cached(
+                                "INSERT OR REPLACE INTO upstreams (name, spec) VALUES (?1, ?2)",
+                            )?
+                            .execute(params![key, to_json(&**up)])?;
+                        }
+                        None => {
+                            tx.prepare_cached("DELETE FROM upstreams WHERE name = ?1")?
+                                .execute(params![key])?;
+                        }
+                    },
+                    Change::Route { key, after, .. } => match after {
+                        Some(route) => {
+                            tx.prepare_cached(
+                                "INSERT OR REPLACE INTO routes (id, spec) VALUES (?1, ?2)",
+                            )?
+                            .execute(params![key, to_json(&**route)])?;
+                        }
+                        None => {
+                            tx.prepare_cached("DELETE FROM routes WHERE id = ?1")?
+                                .execute(params![key])?;
+                        }
+                    },
+                }
             }
-        }
-        tx.prepare_cached(
-            "INSERT INTO revisions (number, time_ms, summary, changes) VALUES (?1, ?2, ?3, ?4)",
-        )?
-        .execute(params![
-            revision.number as i64,
-            revision.time_ms as i64,
-            revision.summary,
-            to_json(&revision.changes)
-        ])?;
-        tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_revision', ?1)")?
+            tx.prepare_cached(
+                "INSERT INTO revisions (number, time_ms, summary, changes) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![
+                revision.number as i64,
+                revision.time_ms as i64,
+                revision.summary,
+                to_json(&revision.changes)
+            ])?;
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_revision', ?1)",
+            )?
             .execute(params![revision.number.to_string()])?;
-        if revision.number > self.retain {
-            tx.prepare_cached("DELETE FROM revisions WHERE number <= ?1")?
-                .execute(params![(revision.number - self.retain) as i64])?;
-        }
-        tx.commit()?;
-        Ok(())
+            if revision.number > self.retain {
+                tx.prepare_cached("DELETE FROM revisions WHERE number <= ?1")?
+                    .execute(params![(revision.number - self.retain) as i64])?;
+            }
+            Ok(())
+        })
     }
 
     fn revisions(&self, limit: usize) -> Result<Vec<RevisionSummary>, StoreError> {
-        let conn = self.conn.lock();
-        let mut stmt = conn.prepare_cached(
-            "SELECT number, time_ms, summary FROM revisions ORDER BY number DESC LIMIT ?1",
-        )?;
-        let rows = stmt.query_map(params![limit as i64], |r| {
-            Ok(RevisionSummary {
-                number: r.get::<_, i64>(0)? as u64,
-                time_ms: r.get::<_, i64>(1)? as u64,
-                summary: r.get(2)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        if !self.db.has_tables() {
+            return Ok(Vec::new());
+        }
+        self.db.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT number, time_ms, summary FROM revisions ORDER BY number DESC LIMIT ?1",
+            )?;
+            let rows = stmt.query_map(params![limit as i64], |r| {
+                Ok(RevisionSummary {
+                    number: r.get::<_, i64>(0)? as u64,
+                    time_ms: r.get::<_, i64>(1)? as u64,
+                    summary: r.get(2)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     fn revisions_after(&self, number: u64) -> Result<Vec<Revision>, StoreError> {
-        let conn = self.conn.lock();
+        if !self.db.has_tables() {
+            return Ok(Vec::new());
+        }
+        self.db.read(|conn| {
         let mut stmt = conn.prepare_cached(
             "SELECT number, time_ms, summary, changes FROM revisions WHERE number > ?1 ORDER BY number DESC",
         )?;
@@ -268,12 +190,16 @@ impl Store for SqliteStore {
             });
         }
         Ok(out)
+        })
     }
 
     fn oldest_restorable(&self) -> Result<u64, StoreError> {
-        let conn = self.conn.lock();
-        let oldest: Option<i64> =
-            conn.query_row("SELECT MIN(number) FROM revisions", [], |r| r.get(0))?;
+        if !self.db.has_tables() {
+            return Ok(0);
+        }
+        let oldest: Option<i64> = self
+            .db
+            .read(|conn| conn.query_row("SELECT MIN(number) FROM revisions", [], |r| r.get(0)))?;
         // The state before the oldest retained revision can be rebuilt by undoing it.
         Ok(oldest.map(|n| (n as u64).saturating_sub(1)).unwrap_or(0))
     }
@@ -282,6 +208,7 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::durable::{checkpoint, CHECKPOINT_INTERVAL};
     use dynagate_model::{Command, Server};
 
     #[test]
@@ -317,12 +244,12 @@ mod tests {
         for _ in 0..50 {
             commit(&mut config);
         }
-        let (frames, moved) = checkpoint(&store.conn.lock()).unwrap();
+        let (frames, moved) = checkpoint(&store.db.lock()).unwrap();
         assert!(frames > 50, "{frames}");
         assert_eq!(moved, frames, "with the lock held the checkpoint completes");
         // The next commit starts the WAL over instead of appending to it.
         commit(&mut config);
-        let (after, _) = checkpoint(&store.conn.lock()).unwrap();
+        let (after, _) = checkpoint(&store.db.lock()).unwrap();
         assert!(
             after < frames / 10,
             "{after} frames after a restart, {frames} before"
@@ -377,6 +304,42 @@ mod tests {
             restarts >= 2,
             "{number} commits, the WAL restarted {restarts} times"
         );
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn mode(path: &std::path::Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn database_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("dynagate-store-modes-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.db");
+        let wal = dir.join("m.db-wal");
+        let shm = dir.join("m.db-shm");
+        let store = SqliteStore::open(&path, 10).unwrap();
+        store.load().unwrap();
+        for file in [&path, &wal, &shm] {
+            assert_eq!(mode(file), 0o600, "{} when created", file.display());
+        }
+        drop(store);
+        // Files of an older dynagate were 0644: tightened at open, db, -wal and -shm.
+        for suffix in ["", "-wal", "-shm"] {
+            let file = dir.join(format!("m.db{suffix}"));
+            if !file.exists() {
+                std::fs::write(&file, b"").unwrap();
+            }
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let store = SqliteStore::open(&path, 10).unwrap();
+        for file in [&path, &wal, &shm] {
+            assert_eq!(mode(file), 0o600, "{} after open", file.display());
+        }
         drop(store);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -20,6 +20,9 @@ use dynagate_registry::{Registry, UpstreamUpdate};
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
+/// How long the bridge waits before trying failed upstreams again when nothing changes.
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Follows the registry until `stop` fires.
 pub async fn run(
     registry: Arc<Registry>,
@@ -55,9 +58,19 @@ pub async fn run(
                 bridge = Bridge::default();
             }
         }
+        // A command that failed (not a conflict: a full disk, say) is tried again on the
+        // next change, or after a while if none comes, so that the gateway catches up by
+        // itself once the cause is gone.
+        let retry = async {
+            match bridge.retry.is_empty() {
+                true => std::future::pending().await,
+                false => tokio::time::sleep(RETRY_AFTER).await,
+            }
+        };
         tokio::select! {
             r = changes.changed() => if r.is_err() { break },
             r = revisions.changed() => if r.is_err() { break },
+            _ = retry => {}
             _ = stop.changed() => break,
         }
     }

@@ -716,6 +716,8 @@ fn reason(status: u16) -> &'static str {
         409 => "Conflict",
         413 => "Payload Too Large",
         500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        507 => "Insufficient Storage",
         _ => "",
     }
 }

@@ -5,6 +5,7 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 mod bridge;
 mod ctl;
+mod files;
 mod run;
 mod settings;
 mod token;

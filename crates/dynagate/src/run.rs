@@ -1,6 +1,7 @@
 //! `dynagate run`: load the stored state, then open the listeners, then serve until
 //! SIGTERM/SIGINT, then drain.
 
+use crate::files::{write_atomic, Existing};
 use crate::settings::Settings;
 use crate::token;
 use dynagate_proxy::access_log::AccessLog;
@@ -11,6 +12,9 @@ use std::sync::Arc;
 
 /// Written at start so `dynagate ctl` (and people) can find the listeners.
 pub const RUN_FILE: &str = "run.json";
+
+/// Less free space than this in the data directory is worth a WARN at start.
+const LOW_SPACE: u64 = 1024 * 1024;
 
 pub fn run(settings: Settings) -> Result<(), String> {
     let data_dir = &settings.data_dir;
@@ -34,6 +38,15 @@ pub fn run(settings: Settings) -> Result<(), String> {
         .mode(0o700)
         .create(data_dir)
         .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
+    // A full disk does not stop a start: the stored state is served, and writes are
+    // refused (507) until a commit finds space again — each write tries.
+    if let Some(free) = dynagate_store::free_bytes(data_dir).filter(|&f| f < LOW_SPACE) {
+        tracing::warn!(
+            data_dir = %data_dir.display(),
+            free_bytes = free,
+            "the data directory is full or nearly: the stored state is served read-only while it is; writes (admin API, ctl, registry) that find no space are answered 507 until space is freed"
+        );
+    }
 
     let token = match std::env::var("DYNAGATE_ADMIN_TOKEN") {
         Ok(t) if t.len() >= 16 => {
@@ -156,8 +169,25 @@ pub fn run(settings: Settings) -> Result<(), String> {
         "admin": admin_addr.to_string(),
         "registry": registry_addr,
     });
-    std::fs::write(&run_file, format!("{info}\n"))
-        .map_err(|e| format!("{}: {e}", run_file.display()))?;
+    // Only a convenience for `ctl` (which falls back to its flags and defaults): a gateway
+    // that cannot write it (a full disk) serves all the same. Never truncated in place: a
+    // failed write leaves the previous file whole.
+    let wrote_run_file = match write_atomic(
+        &run_file,
+        format!("{info}\n").as_bytes(),
+        0o644,
+        Existing::Replace,
+    ) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(
+                path = %run_file.display(),
+                error = %e,
+                "cannot write the run file; serving anyway (`dynagate ctl` needs --admin or its default address)"
+            );
+            false
+        }
+    };
     tracing::info!(
         proxy = %proxy.local_addr,
         admin = %admin_addr,
@@ -225,7 +255,17 @@ pub fn run(settings: Settings) -> Result<(), String> {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
-    let _ = std::fs::remove_file(&run_file);
+    // The control runtime holds the last references to the controller and the registry:
+    // with it gone, both stores close, and SQLite checkpoints each WAL into its database
+    // and removes the -wal and -shm files.
+    control_rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    if Arc::strong_count(&controller) > 1 {
+        tracing::debug!("the controller is still referenced: its store closes at exit");
+    }
+    drop(controller);
+    if wrote_run_file {
+        let _ = std::fs::remove_file(&run_file);
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! The admin token: generated at first start from the OS's secure random source and kept
 //! in `<data-dir>/admin.token` (mode 0600). There is no built-in default.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use crate::files::{write_atomic, Existing};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 pub const TOKEN_FILE: &str = "admin.token";
@@ -41,16 +41,18 @@ pub fn load_or_create(data_dir: &Path) -> Result<(String, bool), String> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let token = generate()?;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            file.write_all(format!("{token}\n").as_bytes())
-                .and_then(|_| file.sync_all())
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            Ok((token, true))
+            // Written whole or not at all: an empty token file would stop every later start.
+            match write_atomic(&path, format!("{token}\n").as_bytes(), 0o600, Existing::Keep) {
+                Ok(()) => Ok((token, true)),
+                // Another process created it meanwhile: use that one.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    load_or_create(data_dir)
+                }
+                Err(e) => Err(format!(
+                    "{}: cannot write a new admin token: {e} (free space in the data directory, or set DYNAGATE_ADMIN_TOKEN)",
+                    path.display()
+                )),
+            }
         }
         Err(e) => Err(format!("{}: {e}", path.display())),
     }

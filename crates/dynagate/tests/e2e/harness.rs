@@ -51,9 +51,24 @@ impl Drop for TempDir {
     }
 }
 
+/// How [`Gateway::launch`] starts the gateway; the default is [`Gateway::start`]'s.
+#[derive(Default)]
+pub struct Launch<'a> {
+    /// More arguments for `dynagate run`.
+    pub extra: &'a [&'a str],
+    /// Where its log goes [default: `<data-dir>/gateway.log`].
+    pub log: Option<PathBuf>,
+    /// Fixed listeners (proxy, admin, registry) instead of ephemeral ports; readiness is
+    /// then told by the listeners, not by run.json (which a full disk may not get).
+    pub ports: Option<(SocketAddr, SocketAddr, SocketAddr)>,
+    /// The process's umask.
+    pub umask: Option<u32>,
+}
+
 pub struct Gateway {
     child: Option<Child>,
     pub data_dir: PathBuf,
+    pub log_path: PathBuf,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
     /// The service registry (Consul HTTP API), when enabled.
@@ -68,23 +83,58 @@ impl Gateway {
     }
 
     pub async fn start_with(data_dir: &Path, extra: &[&str]) -> Gateway {
+        Self::launch(
+            data_dir,
+            Launch {
+                extra,
+                ..Launch::default()
+            },
+        )
+        .await
+    }
+
+    /// Starts the gateway as `launch` says.
+    pub async fn launch(data_dir: &Path, launch: Launch<'_>) -> Gateway {
+        let extra = launch.extra;
         let run_file = data_dir.join("run.json");
-        let _ = std::fs::remove_file(&run_file);
+        if launch.ports.is_none() {
+            let _ = std::fs::remove_file(&run_file);
+        }
+        let log_path = launch
+            .log
+            .clone()
+            .unwrap_or_else(|| data_dir.join("gateway.log"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(data_dir.join("gateway.log"))
+            .open(&log_path)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_dynagate"))
+        let listen = |addr: Option<SocketAddr>| {
+            addr.map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string())
+        };
+        let (proxy, admin, registry) = match launch.ports {
+            Some((p, a, r)) => (Some(p), Some(a), Some(r)),
+            None => (None, None, None),
+        };
+        let mut command = match launch.umask {
+            // The shell sets the umask and becomes the gateway (same pid).
+            Some(mask) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("umask {mask:03o}; exec \"$0\" \"$@\""))
+                    .arg(env!("CARGO_BIN_EXE_dynagate"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_dynagate")),
+        };
+        let child = command
             .arg("run")
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--registry-listen",
-                "127.0.0.1:0",
-            ])
+            .arg("--listen")
+            .arg(listen(proxy))
+            .arg("--admin-listen")
+            .arg(listen(admin))
+            .arg("--registry-listen")
+            .arg(listen(registry))
             .args(if extra.contains(&"--workers") {
                 &[][..]
             } else {
@@ -100,17 +150,39 @@ impl Gateway {
             .spawn()
             .expect("start dynagate");
         let pid = child.id();
+        let mut child = Some(child);
         let mut gw = None;
         for _ in 0..500 {
-            if let Ok(text) = std::fs::read_to_string(&run_file) {
-                if let Ok(v) = serde_json::from_str::<Value>(&text) {
-                    if v["pid"].as_u64() == Some(pid as u64) {
-                        gw = Some((
-                            v["proxy"].as_str().unwrap().parse().unwrap(),
-                            v["admin"].as_str().unwrap().parse().unwrap(),
-                            v["registry"].as_str().map(|r| r.parse().unwrap()),
-                        ));
+            match launch.ports {
+                // Ready when every listener accepts (run.json may not be written).
+                Some((p, a, r)) => {
+                    let mut all = true;
+                    for addr in [p, a, r] {
+                        all &= tokio::net::TcpStream::connect(addr).await.is_ok();
+                    }
+                    if all {
+                        gw = Some((p, a, Some(r)));
                         break;
+                    }
+                    if let Some(status) = child.as_mut().unwrap().try_wait().unwrap() {
+                        panic!(
+                            "dynagate exited ({status}); log:\n{}",
+                            std::fs::read_to_string(&log_path).unwrap_or_default()
+                        );
+                    }
+                }
+                None => {
+                    if let Ok(text) = std::fs::read_to_string(&run_file) {
+                        if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                            if v["pid"].as_u64() == Some(pid as u64) {
+                                gw = Some((
+                                    v["proxy"].as_str().unwrap().parse().unwrap(),
+                                    v["admin"].as_str().unwrap().parse().unwrap(),
+                                    v["registry"].as_str().map(|r| r.parse().unwrap()),
+                                ));
+                                break;
+                            }
+                        }
                     }
                 }
             }
@@ -119,7 +191,7 @@ impl Gateway {
         let (proxy, admin, registry) = gw.unwrap_or_else(|| {
             panic!(
                 "dynagate did not start; log:\n{}",
-                std::fs::read_to_string(data_dir.join("gateway.log")).unwrap_or_default()
+                std::fs::read_to_string(&log_path).unwrap_or_default()
             )
         });
         let token = std::fs::read_to_string(data_dir.join("admin.token"))
@@ -127,8 +199,9 @@ impl Gateway {
             .trim()
             .to_string();
         Gateway {
-            child: Some(child),
+            child,
             data_dir: data_dir.to_path_buf(),
+            log_path,
             proxy,
             admin,
             registry,
@@ -277,7 +350,7 @@ impl Gateway {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.data_dir.join("gateway.log")).unwrap_or_default()
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 }
 

@@ -6,6 +6,7 @@ mod admin_errors;
 mod algorithms;
 mod balancing;
 mod churn;
+mod disk;
 mod durability;
 mod h2_hardening;
 mod health;
