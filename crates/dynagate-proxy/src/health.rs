@@ -417,6 +417,51 @@ fn parse(buf: &[u8], eof: bool, head_only: bool, needle: Option<&[u8]>) -> Parse
     }
 }
 
+/// The response parser of HTTP checks, for the fuzz target `health_response` (fuzz/,
+/// cargo-fuzz). Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// What [`parse_response`] decided.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Verdict {
+        More,
+        ClosedEarly,
+        /// The failure as the check would record it (`Debug` of its outcome).
+        Fail(String),
+        Done {
+            status: u16,
+            found: bool,
+            keep: bool,
+        },
+    }
+
+    /// Parses a response from everything received so far (`eof`: the server closed).
+    pub fn parse_response(
+        buf: &[u8],
+        eof: bool,
+        head_only: bool,
+        needle: Option<&[u8]>,
+    ) -> Verdict {
+        match super::parse(buf, eof, head_only, needle) {
+            super::Parsed::More => Verdict::More,
+            super::Parsed::ClosedEarly => Verdict::ClosedEarly,
+            super::Parsed::Fail(o) => Verdict::Fail(format!("{o:?}")),
+            super::Parsed::Done {
+                status,
+                found,
+                keep,
+            } => Verdict::Done {
+                status,
+                found,
+                keep,
+            },
+        }
+    }
+
+    /// Bytes of a body the parser looks at.
+    pub const MAX_BODY: usize = super::MAX_BODY;
+}
+
 fn render_request(check: &HealthCheck, address: &str) -> Box<[u8]> {
     let mut request = format!(
         "{} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: dynagate-health-check\r\n",
