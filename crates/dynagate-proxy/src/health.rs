@@ -243,8 +243,7 @@ enum Outcome {
     HeadTooLarge,
     BadResponse(httparse::Error),
     BadContentLength,
-    BadChunked,
-    BadChunkSize,
+    BadChunked(&'static str),
     Status(u16),
     BodyLacks(u16),
 }
@@ -269,8 +268,7 @@ impl Outcome {
             Outcome::HeadTooLarge => "response head too large".into(),
             Outcome::BadResponse(e) => format!("bad response: {e}"),
             Outcome::BadContentLength => "bad Content-Length".into(),
-            Outcome::BadChunked => "bad chunked body".into(),
-            Outcome::BadChunkSize => "bad chunk size".into(),
+            Outcome::BadChunked(why) => format!("bad chunked body: {why}"),
             Outcome::Status(s) => format!("HTTP {s} is not an expected status"),
             Outcome::BodyLacks(s) => format!(
                 "HTTP {s}: body lacks {:?}",
@@ -309,6 +307,11 @@ enum Framing {
 
 fn contains(hay: &[u8], needle: Option<&[u8]>) -> bool {
     needle.is_some_and(|n| hay.windows(n.len().max(1)).any(|w| w == n))
+}
+
+/// The part of a body that is looked at for the wanted text.
+fn looked_at(body: &[u8]) -> &[u8] {
+    &body[..body.len().min(MAX_BODY)]
 }
 
 /// Parses a response from everything received (`eof`: the server closed the connection).
@@ -366,52 +369,25 @@ fn parse(buf: &[u8], eof: bool, head_only: bool, needle: Option<&[u8]>) -> Parse
         Framing::UntilClose if eof || body.len() > MAX_BODY => done(contains(body, needle), false),
         Framing::UntilClose => Parsed::More,
         Framing::Chunked => {
-            // The body is gathered only to look for a text.
-            let mut bytes = Vec::new();
-            let mut size_total = 0;
-            let mut rest = body;
-            loop {
-                let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") else {
-                    return if rest.len() > 1024 || eof {
-                        Parsed::Fail(Outcome::BadChunked)
-                    } else {
-                        Parsed::More
-                    };
-                };
-                let Some(size) = std::str::from_utf8(&rest[..line_end])
-                    .ok()
-                    .and_then(|t| usize::from_str_radix(t.split(';').next()?.trim(), 16).ok())
-                else {
-                    return Parsed::Fail(Outcome::BadChunkSize);
-                };
-                if size == 0 {
-                    // The last chunk; a health endpoint sends no trailers.
-                    if rest.len() < line_end + 4 {
-                        return if eof {
-                            done(contains(&bytes, needle), false)
-                        } else {
-                            Parsed::More
-                        };
-                    }
-                    let ends = &rest[line_end + 2..line_end + 4] == b"\r\n";
-                    return done(contains(&bytes, needle), ends && rest.len() == line_end + 4);
+            // The proxy's own strict decoder; the data is gathered only to look for a
+            // text, and only as much of it as is looked at.
+            let mut decoder = crate::h1::framing::ChunkedDecoder::default();
+            let mut data = Vec::new();
+            let mut data_len = 0usize;
+            let fed = decoder.feed(body, |a, b| {
+                data_len = data_len.saturating_add(b - a);
+                if needle.is_some() && data.len() <= MAX_BODY {
+                    data.extend_from_slice(&body[a..b]);
                 }
-                if size_total + size > MAX_BODY {
-                    return done(contains(&bytes, needle), false);
-                }
-                let need = line_end + 2 + size + 2;
-                if rest.len() < need {
-                    return if eof {
-                        Parsed::Fail(Outcome::ClosedInBody)
-                    } else {
-                        Parsed::More
-                    };
-                }
-                if needle.is_some() {
-                    bytes.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
-                }
-                size_total += size;
-                rest = &rest[need..];
+            });
+            if data_len > MAX_BODY {
+                return done(contains(looked_at(&data), needle), false);
+            }
+            match fed {
+                Err(why) => Parsed::Fail(Outcome::BadChunked(why)),
+                Ok(used) if decoder.is_done() => done(contains(&data, needle), used == body.len()),
+                Ok(_) if eof => Parsed::Fail(Outcome::ClosedInBody),
+                Ok(_) => Parsed::More,
             }
         }
     }
@@ -1717,7 +1693,7 @@ mod tests {
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
                 false
             ),
-            Parsed::Fail(Outcome::BadChunkSize)
+            Parsed::Fail(Outcome::BadChunked("invalid chunk size line"))
         );
         assert_eq!(
             p(
@@ -1768,6 +1744,59 @@ mod tests {
         let mut big = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n".to_vec();
         big.resize(big.len() + MAX_BODY + 1, b'x');
         assert_eq!(p(&big, false), done(200, false, false));
+    }
+
+    // The cases below were found by the fuzz target `health_response` (fuzz/).
+
+    /// Reads `raw` whole, looking for "ok".
+    fn parse_ok(raw: &[u8]) -> Parsed {
+        parse(raw, false, false, Some(b"ok"))
+    }
+
+    #[test]
+    fn chunk_sizes_that_overflow_fail_the_check() {
+        // `1 + ffffffffffffffff` overflowed the running total: a panic, and in a release
+        // build a wrapped length that read past the chunk.
+        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\no\r\nffffffffffffffff\r\nk\r\n0\r\n\r\n";
+        assert_eq!(
+            parse_ok(raw),
+            Parsed::Fail(Outcome::BadChunked("chunk size too large"))
+        );
+        assert_eq!(
+            parse(raw, true, false, None),
+            Parsed::Fail(Outcome::BadChunked("chunk size too large"))
+        );
+    }
+
+    #[test]
+    fn chunked_bodies_are_read_strictly() {
+        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        let with = |body: &[u8]| parse_ok(&[&head[..], body].concat());
+        // Data not followed by CRLF was skipped over, whatever the two bytes were.
+        assert_eq!(
+            with(b"2\r\nokXX0\r\n\r\n"),
+            Parsed::Fail(Outcome::BadChunked("chunk data longer than its size"))
+        );
+        for bad in [
+            &b"+2\r\nok\r\n0\r\n\r\n"[..],
+            b" 2\r\nok\r\n0\r\n\r\n",
+            b"5 3\r\nhello\r\n0\r\n\r\n",
+        ] {
+            assert!(
+                matches!(with(bad), Parsed::Fail(Outcome::BadChunked(_))),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // Extensions and trailers are valid chunked coding: read, and the connection kept.
+        assert_eq!(
+            with(b"2;a=b\r\nok\r\n0\r\nX-T: 1\r\n\r\n"),
+            Parsed::Done {
+                status: 200,
+                found: true,
+                keep: true
+            }
+        );
     }
 
     #[test]
