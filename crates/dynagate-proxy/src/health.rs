@@ -314,9 +314,21 @@ fn looked_at(body: &[u8]) -> &[u8] {
     &body[..body.len().min(MAX_BODY)]
 }
 
+/// A Content-Length value: 1*DIGIT (optional whitespace around it), nothing else.
+fn content_length(value: &[u8]) -> Option<usize> {
+    let v = value.trim_ascii();
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
 /// Parses a response from everything received (`eof`: the server closed the connection).
 /// At most `MAX_BODY` bytes of the body are looked at; a response with more ends the
-/// connection.
+/// connection. The framing is read as RFC 9112 §6.3 says, and a connection is kept for
+/// the next check only when it is unambiguous: Transfer-Encoding wins over
+/// Content-Length (and then the connection is not kept), a coding other than chunked
+/// is read until the close, differing Content-Length values fail the check.
 fn parse(buf: &[u8], eof: bool, head_only: bool, needle: Option<&[u8]>) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut resp = httparse::Response::new(&mut headers);
@@ -328,26 +340,40 @@ fn parse(buf: &[u8], eof: bool, head_only: bool, needle: Option<&[u8]>) -> Parse
         Err(e) => return Parsed::Fail(Outcome::BadResponse(e)),
     };
     let status = resp.code.unwrap_or(0);
-    let mut framing = Framing::UntilClose;
+    let mut length: Option<usize> = None;
+    let mut codings = 0;
+    let mut chunked = false;
     let mut close = resp.version == Some(0);
     for h in resp.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
-            match std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-            {
-                Some(n) => framing = Framing::Length(n),
-                None => return Parsed::Fail(Outcome::BadContentLength),
+            match content_length(h.value) {
+                Some(n) if length.is_none_or(|m| m == n) => length = Some(n),
+                _ => return Parsed::Fail(Outcome::BadContentLength),
             }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            framing = Framing::Chunked;
+            codings += 1;
+            chunked = h.value.trim_ascii().eq_ignore_ascii_case(b"chunked");
         } else if h.name.eq_ignore_ascii_case("connection") {
-            close |= h.value.eq_ignore_ascii_case(b"close");
+            close |= h
+                .value
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
         }
     }
-    if head_only || status == 204 || status == 304 || status / 100 == 1 {
-        framing = Framing::None;
-    }
+    let framing = if head_only || status == 204 || status == 304 || status / 100 == 1 {
+        Framing::None
+    } else if codings > 0 {
+        // Both framings, or codings the checker cannot read: not trusted with another
+        // check (RFC 9112 §6.3: such a connection is closed after the response).
+        close |= length.is_some() || codings > 1;
+        if chunked && codings == 1 {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        }
+    } else {
+        length.map_or(Framing::UntilClose, Framing::Length)
+    };
     let body = &buf[head..];
     let done = |found: bool, keep: bool| Parsed::Done {
         status,
@@ -358,15 +384,17 @@ fn parse(buf: &[u8], eof: bool, head_only: bool, needle: Option<&[u8]>) -> Parse
         // Bytes after the response: the connection is not trusted with another check.
         Framing::None => done(contains(&[], needle), body.is_empty()),
         Framing::Length(n) if body.len() >= n => {
-            done(contains(&body[..n], needle), body.len() == n)
+            done(contains(looked_at(&body[..n]), needle), body.len() == n)
         }
         // Too large to keep: look at what we have, drop the connection.
         Framing::Length(n) if n > MAX_BODY && body.len() > MAX_BODY => {
-            done(contains(body, needle), false)
+            done(contains(looked_at(body), needle), false)
         }
         Framing::Length(_) if eof => Parsed::Fail(Outcome::ClosedInBody),
         Framing::Length(_) => Parsed::More,
-        Framing::UntilClose if eof || body.len() > MAX_BODY => done(contains(body, needle), false),
+        Framing::UntilClose if eof || body.len() > MAX_BODY => {
+            done(contains(looked_at(body), needle), false)
+        }
         Framing::UntilClose => Parsed::More,
         Framing::Chunked => {
             // The proxy's own strict decoder; the data is gathered only to look for a
@@ -1795,6 +1823,82 @@ mod tests {
                 status: 200,
                 found: true,
                 keep: true
+            }
+        );
+    }
+
+    #[test]
+    fn content_length_is_read_strictly() {
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok",
+        ] {
+            assert_eq!(
+                parse_ok(bad),
+                Parsed::Fail(Outcome::BadContentLength),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(
+            parse_ok(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok"),
+            Parsed::Done {
+                status: 200,
+                found: true,
+                keep: true
+            }
+        );
+    }
+
+    #[test]
+    fn transfer_encoding_wins_over_content_length() {
+        let done = |found, keep| Parsed::Done {
+            status: 200,
+            found,
+            keep,
+        };
+        // Whichever header came last decided, and the connection was kept either way.
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n2\r\nok\r\n0\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        ] {
+            assert_eq!(parse_ok(raw), done(true, false));
+        }
+        // A coding other than chunked (or several) is read until the close, not as chunked.
+        let gzip = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n2\r\nok\r\n0\r\n\r\n";
+        assert_eq!(parse_ok(gzip), Parsed::More);
+        assert_eq!(parse(gzip, true, false, Some(b"ok")), done(true, false));
+        let twice = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(parse_ok(twice), Parsed::More);
+    }
+
+    #[test]
+    fn connection_close_among_other_tokens() {
+        assert_eq!(
+            parse_ok(
+                b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 2\r\n\r\nok"
+            ),
+            Parsed::Done {
+                status: 200,
+                found: true,
+                keep: false
+            }
+        );
+    }
+
+    #[test]
+    fn only_max_body_bytes_are_looked_at() {
+        // Whether a text past MAX_BODY was found depended on how much had arrived.
+        let mut raw = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
+        raw.resize(raw.len() + MAX_BODY, b'x');
+        raw.extend_from_slice(b"ok");
+        assert_eq!(
+            parse_ok(&raw),
+            Parsed::Done {
+                status: 200,
+                found: false,
+                keep: false
             }
         );
     }
