@@ -525,7 +525,8 @@ async fn read_chunked(conn: &Conn, buf: &mut Vec<u8>, cap: usize) -> Result<Byte
             while !read_line(conn, buf).await?.is_empty() {}
             return Ok(Bytes::from(body));
         }
-        if body.len() + size > cap {
+        // `body` never exceeds `cap`; `body.len() + size` could overflow (`ffffffffffffffff`).
+        if size > cap - body.len() {
             return Err(BodyError::TooLarge);
         }
         let chunk = read_length(conn, buf, size).await?;
