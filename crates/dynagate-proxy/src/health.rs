@@ -243,8 +243,7 @@ enum Outcome {
     HeadTooLarge,
     BadResponse(httparse::Error),
     BadContentLength,
-    BadChunked,
-    BadChunkSize,
+    BadChunked(&'static str),
     Status(u16),
     BodyLacks(u16),
 }
@@ -269,8 +268,7 @@ impl Outcome {
             Outcome::HeadTooLarge => "response head too large".into(),
             Outcome::BadResponse(e) => format!("bad response: {e}"),
             Outcome::BadContentLength => "bad Content-Length".into(),
-            Outcome::BadChunked => "bad chunked body".into(),
-            Outcome::BadChunkSize => "bad chunk size".into(),
+            Outcome::BadChunked(why) => format!("bad chunked body: {why}"),
             Outcome::Status(s) => format!("HTTP {s} is not an expected status"),
             Outcome::BodyLacks(s) => format!(
                 "HTTP {s}: body lacks {:?}",
@@ -311,9 +309,26 @@ fn contains(hay: &[u8], needle: Option<&[u8]>) -> bool {
     needle.is_some_and(|n| hay.windows(n.len().max(1)).any(|w| w == n))
 }
 
+/// The part of a body that is looked at for the wanted text.
+fn looked_at(body: &[u8]) -> &[u8] {
+    &body[..body.len().min(MAX_BODY)]
+}
+
+/// A Content-Length value: 1*DIGIT (optional whitespace around it), nothing else.
+fn content_length(value: &[u8]) -> Option<usize> {
+    let v = value.trim_ascii();
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
 /// Parses a response from everything received (`eof`: the server closed the connection).
 /// At most `MAX_BODY` bytes of the body are looked at; a response with more ends the
-/// connection.
+/// connection. The framing is read as RFC 9112 §6.3 says, and a connection is kept for
+/// the next check only when it is unambiguous: Transfer-Encoding wins over
+/// Content-Length (and then the connection is not kept), a coding other than chunked
+/// is read until the close, differing Content-Length values fail the check.
 fn parse(buf: &[u8], eof: bool, head_only: bool, needle: Option<&[u8]>) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut resp = httparse::Response::new(&mut headers);
@@ -325,26 +340,40 @@ fn parse(buf: &[u8], eof: bool, head_only: bool, needle: Option<&[u8]>) -> Parse
         Err(e) => return Parsed::Fail(Outcome::BadResponse(e)),
     };
     let status = resp.code.unwrap_or(0);
-    let mut framing = Framing::UntilClose;
+    let mut length: Option<usize> = None;
+    let mut codings = 0;
+    let mut chunked = false;
     let mut close = resp.version == Some(0);
     for h in resp.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
-            match std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-            {
-                Some(n) => framing = Framing::Length(n),
-                None => return Parsed::Fail(Outcome::BadContentLength),
+            match content_length(h.value) {
+                Some(n) if length.is_none_or(|m| m == n) => length = Some(n),
+                _ => return Parsed::Fail(Outcome::BadContentLength),
             }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            framing = Framing::Chunked;
+            codings += 1;
+            chunked = h.value.trim_ascii().eq_ignore_ascii_case(b"chunked");
         } else if h.name.eq_ignore_ascii_case("connection") {
-            close |= h.value.eq_ignore_ascii_case(b"close");
+            close |= h
+                .value
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
         }
     }
-    if head_only || status == 204 || status == 304 || status / 100 == 1 {
-        framing = Framing::None;
-    }
+    let framing = if head_only || status == 204 || status == 304 || status / 100 == 1 {
+        Framing::None
+    } else if codings > 0 {
+        // Both framings, or codings the checker cannot read: not trusted with another
+        // check (RFC 9112 §6.3: such a connection is closed after the response).
+        close |= length.is_some() || codings > 1;
+        if chunked && codings == 1 {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        }
+    } else {
+        length.map_or(Framing::UntilClose, Framing::Length)
+    };
     let body = &buf[head..];
     let done = |found: bool, keep: bool| Parsed::Done {
         status,
@@ -355,66 +384,86 @@ fn parse(buf: &[u8], eof: bool, head_only: bool, needle: Option<&[u8]>) -> Parse
         // Bytes after the response: the connection is not trusted with another check.
         Framing::None => done(contains(&[], needle), body.is_empty()),
         Framing::Length(n) if body.len() >= n => {
-            done(contains(&body[..n], needle), body.len() == n)
+            done(contains(looked_at(&body[..n]), needle), body.len() == n)
         }
         // Too large to keep: look at what we have, drop the connection.
         Framing::Length(n) if n > MAX_BODY && body.len() > MAX_BODY => {
-            done(contains(body, needle), false)
+            done(contains(looked_at(body), needle), false)
         }
         Framing::Length(_) if eof => Parsed::Fail(Outcome::ClosedInBody),
         Framing::Length(_) => Parsed::More,
-        Framing::UntilClose if eof || body.len() > MAX_BODY => done(contains(body, needle), false),
+        Framing::UntilClose if eof || body.len() > MAX_BODY => {
+            done(contains(looked_at(body), needle), false)
+        }
         Framing::UntilClose => Parsed::More,
         Framing::Chunked => {
-            // The body is gathered only to look for a text.
-            let mut bytes = Vec::new();
-            let mut size_total = 0;
-            let mut rest = body;
-            loop {
-                let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") else {
-                    return if rest.len() > 1024 || eof {
-                        Parsed::Fail(Outcome::BadChunked)
-                    } else {
-                        Parsed::More
-                    };
-                };
-                let Some(size) = std::str::from_utf8(&rest[..line_end])
-                    .ok()
-                    .and_then(|t| usize::from_str_radix(t.split(';').next()?.trim(), 16).ok())
-                else {
-                    return Parsed::Fail(Outcome::BadChunkSize);
-                };
-                if size == 0 {
-                    // The last chunk; a health endpoint sends no trailers.
-                    if rest.len() < line_end + 4 {
-                        return if eof {
-                            done(contains(&bytes, needle), false)
-                        } else {
-                            Parsed::More
-                        };
-                    }
-                    let ends = &rest[line_end + 2..line_end + 4] == b"\r\n";
-                    return done(contains(&bytes, needle), ends && rest.len() == line_end + 4);
+            // The proxy's own strict decoder; the data is gathered only to look for a
+            // text, and only as much of it as is looked at.
+            let mut decoder = crate::h1::framing::ChunkedDecoder::default();
+            let mut data = Vec::new();
+            let mut data_len = 0usize;
+            let fed = decoder.feed(body, |a, b| {
+                data_len = data_len.saturating_add(b - a);
+                if needle.is_some() && data.len() <= MAX_BODY {
+                    data.extend_from_slice(&body[a..b]);
                 }
-                if size_total + size > MAX_BODY {
-                    return done(contains(&bytes, needle), false);
-                }
-                let need = line_end + 2 + size + 2;
-                if rest.len() < need {
-                    return if eof {
-                        Parsed::Fail(Outcome::ClosedInBody)
-                    } else {
-                        Parsed::More
-                    };
-                }
-                if needle.is_some() {
-                    bytes.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
-                }
-                size_total += size;
-                rest = &rest[need..];
+            });
+            if data_len > MAX_BODY {
+                return done(contains(looked_at(&data), needle), false);
+            }
+            match fed {
+                Err(why) => Parsed::Fail(Outcome::BadChunked(why)),
+                Ok(used) if decoder.is_done() => done(contains(&data, needle), used == body.len()),
+                Ok(_) if eof => Parsed::Fail(Outcome::ClosedInBody),
+                Ok(_) => Parsed::More,
             }
         }
     }
+}
+
+/// The response parser of HTTP checks, for the fuzz target `health_response` (fuzz/,
+/// cargo-fuzz). Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// What [`parse_response`] decided.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Verdict {
+        More,
+        ClosedEarly,
+        /// The failure as the check would record it (`Debug` of its outcome).
+        Fail(String),
+        Done {
+            status: u16,
+            found: bool,
+            keep: bool,
+        },
+    }
+
+    /// Parses a response from everything received so far (`eof`: the server closed).
+    pub fn parse_response(
+        buf: &[u8],
+        eof: bool,
+        head_only: bool,
+        needle: Option<&[u8]>,
+    ) -> Verdict {
+        match super::parse(buf, eof, head_only, needle) {
+            super::Parsed::More => Verdict::More,
+            super::Parsed::ClosedEarly => Verdict::ClosedEarly,
+            super::Parsed::Fail(o) => Verdict::Fail(format!("{o:?}")),
+            super::Parsed::Done {
+                status,
+                found,
+                keep,
+            } => Verdict::Done {
+                status,
+                found,
+                keep,
+            },
+        }
+    }
+
+    /// Bytes of a body the parser looks at.
+    pub const MAX_BODY: usize = super::MAX_BODY;
 }
 
 fn render_request(check: &HealthCheck, address: &str) -> Box<[u8]> {
@@ -1672,7 +1721,7 @@ mod tests {
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
                 false
             ),
-            Parsed::Fail(Outcome::BadChunkSize)
+            Parsed::Fail(Outcome::BadChunked("invalid chunk size line"))
         );
         assert_eq!(
             p(
@@ -1723,6 +1772,135 @@ mod tests {
         let mut big = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n".to_vec();
         big.resize(big.len() + MAX_BODY + 1, b'x');
         assert_eq!(p(&big, false), done(200, false, false));
+    }
+
+    // The cases below were found by the fuzz target `health_response` (fuzz/).
+
+    /// Reads `raw` whole, looking for "ok".
+    fn parse_ok(raw: &[u8]) -> Parsed {
+        parse(raw, false, false, Some(b"ok"))
+    }
+
+    #[test]
+    fn chunk_sizes_that_overflow_fail_the_check() {
+        // `1 + ffffffffffffffff` overflowed the running total: a panic, and in a release
+        // build a wrapped length that read past the chunk.
+        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\no\r\nffffffffffffffff\r\nk\r\n0\r\n\r\n";
+        assert_eq!(
+            parse_ok(raw),
+            Parsed::Fail(Outcome::BadChunked("chunk size too large"))
+        );
+        assert_eq!(
+            parse(raw, true, false, None),
+            Parsed::Fail(Outcome::BadChunked("chunk size too large"))
+        );
+    }
+
+    #[test]
+    fn chunked_bodies_are_read_strictly() {
+        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        let with = |body: &[u8]| parse_ok(&[&head[..], body].concat());
+        // Data not followed by CRLF was skipped over, whatever the two bytes were.
+        assert_eq!(
+            with(b"2\r\nokXX0\r\n\r\n"),
+            Parsed::Fail(Outcome::BadChunked("chunk data longer than its size"))
+        );
+        for bad in [
+            &b"+2\r\nok\r\n0\r\n\r\n"[..],
+            b" 2\r\nok\r\n0\r\n\r\n",
+            b"5 3\r\nhello\r\n0\r\n\r\n",
+        ] {
+            assert!(
+                matches!(with(bad), Parsed::Fail(Outcome::BadChunked(_))),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // Extensions and trailers are valid chunked coding: read, and the connection kept.
+        assert_eq!(
+            with(b"2;a=b\r\nok\r\n0\r\nX-T: 1\r\n\r\n"),
+            Parsed::Done {
+                status: 200,
+                found: true,
+                keep: true
+            }
+        );
+    }
+
+    #[test]
+    fn content_length_is_read_strictly() {
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok",
+        ] {
+            assert_eq!(
+                parse_ok(bad),
+                Parsed::Fail(Outcome::BadContentLength),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(
+            parse_ok(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok"),
+            Parsed::Done {
+                status: 200,
+                found: true,
+                keep: true
+            }
+        );
+    }
+
+    #[test]
+    fn transfer_encoding_wins_over_content_length() {
+        let done = |found, keep| Parsed::Done {
+            status: 200,
+            found,
+            keep,
+        };
+        // Whichever header came last decided, and the connection was kept either way.
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n2\r\nok\r\n0\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        ] {
+            assert_eq!(parse_ok(raw), done(true, false));
+        }
+        // A coding other than chunked (or several) is read until the close, not as chunked.
+        let gzip = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n2\r\nok\r\n0\r\n\r\n";
+        assert_eq!(parse_ok(gzip), Parsed::More);
+        assert_eq!(parse(gzip, true, false, Some(b"ok")), done(true, false));
+        let twice = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(parse_ok(twice), Parsed::More);
+    }
+
+    #[test]
+    fn connection_close_among_other_tokens() {
+        assert_eq!(
+            parse_ok(
+                b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 2\r\n\r\nok"
+            ),
+            Parsed::Done {
+                status: 200,
+                found: true,
+                keep: false
+            }
+        );
+    }
+
+    #[test]
+    fn only_max_body_bytes_are_looked_at() {
+        // Whether a text past MAX_BODY was found depended on how much had arrived.
+        let mut raw = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
+        raw.resize(raw.len() + MAX_BODY, b'x');
+        raw.extend_from_slice(b"ok");
+        assert_eq!(
+            parse_ok(&raw),
+            Parsed::Done {
+                status: 200,
+                found: false,
+                keep: false
+            }
+        );
     }
 
     #[test]

@@ -22,6 +22,13 @@ pub mod sqlite;
 mod state;
 pub mod store;
 
+/// Entry points for the fuzz targets in `fuzz/` (cargo-fuzz): the HTTP/1 request-head
+/// reader of the registry's own server. Not an API; nothing else may use it.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::api::http1::{fuzz_parse_head as parse_head, FuzzHead};
+}
+
 pub use derive::{Source, UpstreamServer};
 pub use model::Health;
 pub use store::{RegistryStore, StoreError};

@@ -203,6 +203,22 @@ async fn header_case_on_http11_and_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_sizes_past_the_cap_are_refused_not_overflowed() {
+    // The running total plus a size near usize::MAX overflowed: the connection's task
+    // panicked (a wrapped total in a release build, then a capacity-overflow panic).
+    let s = Server::start(RegistryOptions::default()).await;
+    let raw = raw_bytes(
+        s.addr,
+        b"PUT /v1/kv/k HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\nffffffffffffffff\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 413 "), "{text}");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http11_keep_alive_serves_several_requests() {
     let s = Server::start(RegistryOptions::default()).await;
     let t = Instant::now();

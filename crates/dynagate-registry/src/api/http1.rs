@@ -388,6 +388,44 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, StatusCode> {
     )))
 }
 
+/// What [`parse_head`] made of a request head, for the fuzz target `registry_http1`
+/// (fuzz/, cargo-fuzz). Not an API: reached only through [`crate::fuzzing`].
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FuzzHead {
+    /// Bytes of the head.
+    pub len: usize,
+    pub http11: bool,
+    /// `None`: no body; `Some(None)`: chunked; `Some(Some(n))`: `n` bytes.
+    pub body: Option<Option<u64>>,
+    pub keep_alive: bool,
+    pub expect_continue: bool,
+    pub headers: usize,
+}
+
+/// [`parse_head`] for the fuzz target: `Ok(None)` when more bytes are needed, `Err`
+/// with the status the connection is refused with.
+#[doc(hidden)]
+pub fn fuzz_parse_head(buf: &[u8]) -> Result<Option<FuzzHead>, u16> {
+    let (head, len) = match parse_head(buf) {
+        Ok(Some(parsed)) => parsed,
+        Ok(None) => return Ok(None),
+        Err(status) => return Err(status.as_u16()),
+    };
+    Ok(Some(FuzzHead {
+        len,
+        http11: head.version == Version::HTTP_11,
+        body: match head.body {
+            BodyKind::Empty => None,
+            BodyKind::Chunked => Some(None),
+            BodyKind::Length(n) => Some(Some(n)),
+        },
+        keep_alive: head.keep_alive,
+        expect_continue: head.expect_continue,
+        headers: head.headers.len(),
+    }))
+}
+
 enum HeadOutcome {
     Head(Box<Head>),
     /// Closed, timed out, or shutting down before a request began.
@@ -487,7 +525,8 @@ async fn read_chunked(conn: &Conn, buf: &mut Vec<u8>, cap: usize) -> Result<Byte
             while !read_line(conn, buf).await?.is_empty() {}
             return Ok(Bytes::from(body));
         }
-        if body.len() + size > cap {
+        // `body` never exceeds `cap`; `body.len() + size` could overflow (`ffffffffffffffff`).
+        if size > cap - body.len() {
             return Err(BodyError::TooLarge);
         }
         let chunk = read_length(conn, buf, size).await?;
