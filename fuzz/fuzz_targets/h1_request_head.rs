@@ -95,6 +95,7 @@ fuzz_target!(|buf: &[u8]| {
             upgrade,
             path,
             underscores,
+            default_host: b"up",
         };
         let mut out = Vec::new();
         head.write_upstream(buf, &mut out, &ctx);

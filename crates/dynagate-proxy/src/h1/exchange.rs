@@ -206,6 +206,7 @@ pub async fn proxy(conn: &mut ClientConn, shared: &Shared, head: RequestHead) ->
             upgrade,
             path: forwarded_path,
             underscores: shared.options.underscores_in_headers,
+            default_host: route.entry.upstream.as_bytes(),
         },
     );
     // Read only for a request with a body: most have none.

@@ -509,6 +509,16 @@ impl RequestHead {
             push_header(out, b"host", h);
         } else if let Some(a) = authority {
             push_header(out, b"host", a.as_bytes());
+        } else if self.host.is_none() {
+            // An HTTP/1.0 request may come without Host; the HTTP/1.1 one sent upstream
+            // must have one (nginx sends its $proxy_host, the upstream's name).
+            let name = ctx.default_host;
+            let name = if crate::uri::validate_host(name).is_ok() {
+                name
+            } else {
+                b"localhost"
+            };
+            push_header(out, b"host", name);
         }
         out.extend_from_slice(b"x-forwarded-for: ");
         if let Some(prev) = prior_xff.filter(|p| !p.is_empty()) {
@@ -553,6 +563,8 @@ pub struct UpstreamHeadCtx<'a> {
     pub upgrade: bool,
     /// The normalised path sent instead of the client's (query kept as received).
     pub path: Option<&'a str>,
+    /// Host sent for a request that named none (HTTP/1.0): the upstream's name.
+    pub default_host: &'a [u8],
     /// Header names with `_` are forwarded (nginx's `underscores_in_headers on`); by
     /// default they are dropped: CGI-style origins read `Content_Length` as
     /// `Content-Length`.
@@ -836,6 +848,7 @@ mod tests {
                 upgrade: false,
                 path: None,
                 underscores: false,
+                default_host: b"up",
             },
         );
         let s = String::from_utf8(out).unwrap();
@@ -874,6 +887,7 @@ mod tests {
                 upgrade: false,
                 path: None,
                 underscores: false,
+                default_host: b"up",
             },
         );
         let s = String::from_utf8(out).unwrap();
@@ -899,6 +913,7 @@ mod tests {
         upgrade: false,
         path: None,
         underscores: false,
+        default_host: b"up",
     };
 
     #[test]
@@ -986,6 +1001,18 @@ mod tests {
             s.to_ascii_lowercase().matches("transfer-encoding").count(),
             1
         );
+    }
+
+    #[test]
+    fn a_request_without_host_goes_upstream_with_the_upstreams_name() {
+        let s = upstream_head("GET /x HTTP/1.0\r\n\r\n", &PLAIN);
+        assert!(s.starts_with("GET /x HTTP/1.1\r\nhost: up\r\n"), "{s}");
+        let odd = UpstreamHeadCtx {
+            default_host: b"svc@dc1",
+            ..PLAIN
+        };
+        let s = upstream_head("GET /x HTTP/1.0\r\n\r\n", &odd);
+        assert!(s.contains("host: localhost\r\n"), "{s}");
     }
 
     #[test]
@@ -1203,6 +1230,7 @@ mod fuzz {
                         upgrade,
                         path: Some("/n"),
                         underscores: upgrade,
+                        default_host: b"up",
                     },
                 );
             }
