@@ -271,7 +271,10 @@ impl RequestHead {
     pub fn origin_form<'b>(&self, buf: &'b [u8]) -> (&'b str, Option<&'b str>) {
         let t = self.target(buf);
         for scheme in ["http://", "https://"] {
-            if t.len() > scheme.len() && t[..scheme.len()].eq_ignore_ascii_case(scheme) {
+            // Compared as bytes: a target may hold UTF-8 (the scheme matched ends in an
+            // ASCII '/', so slicing after it is on a character boundary).
+            let b = t.as_bytes();
+            if b.len() > scheme.len() && b[..scheme.len()].eq_ignore_ascii_case(scheme.as_bytes()) {
                 let rest = &t[scheme.len()..];
                 let cut = rest.find(['/', '?']).unwrap_or(rest.len());
                 let path = &rest[cut..];
@@ -355,6 +358,9 @@ impl RequestHead {
         }
         if self.hosts > 1 {
             return refuse(400, "more than one Host");
+        }
+        if std::str::from_utf8(at(buf, self.target)).is_err() {
+            return refuse(400, "request target is not valid UTF-8");
         }
         match target_form(at(buf, self.target)) {
             TargetForm::Origin | TargetForm::Absolute => {}
@@ -968,6 +974,18 @@ mod tests {
             let mut out = Vec::new();
             push_decimal(&mut out, n);
             assert_eq!(out, n.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn targets_with_non_ascii_bytes_never_panic_and_invalid_utf8_is_refused() {
+        let utf8 = "GET /юю/юю HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(req(utf8).origin_form(utf8.as_bytes()).0, "/юю/юю");
+        let odd = "GET юююю HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(req(odd).origin_form(odd.as_bytes()), ("юююю", None));
+        let raw = b"GET /a\xff HTTP/1.1\r\nHost: a\r\n\r\n";
+        if let Ok(Parsed::Complete(h)) = RequestHead::parse(raw, 100) {
+            assert_eq!(h.screen(raw).map_err(|r| r.status), Err(400));
         }
     }
 
