@@ -474,7 +474,13 @@ impl RequestHead {
                     out.extend_from_slice(query.as_bytes());
                 }
             }
-            None => out.extend_from_slice(target.as_bytes()),
+            None => {
+                // `http://h?q` has an empty path: origin-form needs its `/` (RFC 9112 §3.2.1).
+                if target.starts_with('?') {
+                    out.push(b'/');
+                }
+                out.extend_from_slice(target.as_bytes());
+            }
         }
         out.extend_from_slice(b" HTTP/1.1\r\n");
         let f = &self.framing;
@@ -975,6 +981,14 @@ mod tests {
             push_decimal(&mut out, n);
             assert_eq!(out, n.to_string().as_bytes());
         }
+    }
+
+    #[test]
+    fn an_absolute_target_without_a_path_gets_the_root() {
+        let raw = "GET http://h.test?q=1 HTTP/1.1\r\nHost: h.test\r\n\r\n";
+        assert!(upstream_head(raw, &PLAIN).starts_with("GET /?q=1 HTTP/1.1\r\n"));
+        let raw = "GET http://h.test HTTP/1.1\r\nHost: h.test\r\n\r\n";
+        assert!(upstream_head(raw, &PLAIN).starts_with("GET / HTTP/1.1\r\n"));
     }
 
     #[test]
