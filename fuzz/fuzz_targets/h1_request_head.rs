@@ -147,7 +147,10 @@ fn check_upstream(buf: &[u8], head: &RequestHead, out: &[u8], ctx: &UpstreamHead
     let target = client.path.unwrap_or("");
     let absolute = ["http://", "https://"]
         .iter()
-        .any(|s| target.len() >= s.len() && target[..s.len()].eq_ignore_ascii_case(s));
+        .any(|s| {
+            let t = target.as_bytes();
+            t.len() >= s.len() && t[..s.len()].eq_ignore_ascii_case(s.as_bytes())
+        });
 
     // What went upstream.
     let mut up_slots = [httparse::EMPTY_HEADER; 2 * MAX_HEADERS];
